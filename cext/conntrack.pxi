@@ -1,0 +1,197 @@
+# Flow table: one preallocated array of entries, each holding both tuples of a
+# flow (original: client -> VIP, reply: backend -> masquerade address), and one
+# open-addressing index (linear probing, backward-shift delete, <= 50% load)
+# in which each entry appears twice, once per direction. A slot holds the
+# entry reference and 32 bits of the key's hash, so a mismatching probe rarely
+# touches the entry. Expiry is lazy on lookup plus an incremental clock sweep.
+
+ctypedef struct flow_key_t:
+    # IPv4 now; IPv6 gets a wider key of its own with the same layout rules.
+    uint32_t saddr              # raw
+    uint32_t daddr
+    uint16_t sport
+    uint16_t dport
+    uint8_t proto
+    uint8_t family              # 4
+    uint16_t pad
+
+ctypedef struct ct_entry_t:     # 48 bytes
+    flow_key_t key[2]           # [DIR_ORIG], [DIR_REPLY]
+    uint32_t expires            # seconds on the dataplane clock
+    uint32_t svc                # service-port index in the tables that created it
+    uint32_t backend_addr       # raw, equal to key[DIR_REPLY].saddr: kept for clarity of dumps
+    uint8_t state
+    uint8_t flags
+    uint16_t pad
+
+cdef enum:
+    DIR_ORIG = 0
+    DIR_REPLY = 1
+
+# Connection states; the timeouts array is indexed by these.
+cdef enum:
+    CT_FREE = 0
+    CT_SYN_SENT = 1
+    CT_SYN_RECV = 2
+    CT_ESTABLISHED = 3
+    CT_FIN_WAIT = 4
+    CT_CLOSE_WAIT = 5
+    CT_TIME_WAIT = 6
+    CT_CLOSE = 7
+    CT_UDP_UNREPLIED = 8
+    CT_UDP_ASSURED = 9
+    CT_NSTATES = 10
+
+cdef enum:
+    CTF_FIN_ORIG = 1
+    CTF_FIN_REPLY = 2
+
+
+cdef inline uint64_t flow_hash(const flow_key_t *k) noexcept nogil:
+    cdef uint64_t a = (<uint64_t>k.saddr << 32) | k.daddr
+    cdef uint64_t b = (<uint64_t>k.sport << 32) | (<uint64_t>k.dport << 16) | k.proto
+    return mix64(a ^ mix64(b))
+
+cdef inline bint key_eq(const flow_key_t *a, const flow_key_t *b) noexcept nogil:
+    return (a.saddr == b.saddr and a.daddr == b.daddr and a.sport == b.sport
+            and a.dport == b.dport and a.proto == b.proto)
+
+cdef inline bint state_unestablished(uint8_t st) noexcept nogil:
+    return st == CT_SYN_SENT or st == CT_SYN_RECV or st == CT_UDP_UNREPLIED or st == CT_CLOSE
+
+
+cdef struct conntrack_t:
+    ct_entry_t *entries
+    uint32_t max
+    uint32_t count
+    uint32_t *free_ids          # stack of free entry ids
+    uint32_t nfree
+    uint64_t *slots             # hash32 << 32 | (id*2 + dir + 1); 0 = empty
+    uint64_t mask
+    uint32_t hand               # clock hand for sweeping and eviction
+
+
+cdef int ct_init(conntrack_t *ct, uint32_t maxflows) except -1:
+    cdef uint64_t size = 16
+    cdef uint32_t i
+    while size < 4 * <uint64_t>maxflows:
+        size <<= 1
+    ct.entries = <ct_entry_t *>calloc(maxflows, sizeof(ct_entry_t))
+    ct.free_ids = <uint32_t *>malloc(maxflows * sizeof(uint32_t))
+    ct.slots = <uint64_t *>calloc(size, sizeof(uint64_t))
+    if not ct.entries or not ct.free_ids or not ct.slots:
+        raise MemoryError()
+    ct.max = maxflows
+    ct.count = 0
+    ct.mask = size - 1
+    ct.hand = 0
+    # lowest ids on top of the stack: allocation order is predictable in tests
+    for i in range(maxflows):
+        ct.free_ids[i] = maxflows - 1 - i
+    ct.nfree = maxflows
+    return 0
+
+cdef void ct_free(conntrack_t *ct) noexcept nogil:
+    free(ct.entries)
+    free(ct.free_ids)
+    free(ct.slots)
+    ct.entries = NULL
+    ct.free_ids = NULL
+    ct.slots = NULL
+
+
+# Returns id*2 + dir of the matching entry, or -1.
+cdef inline int64_t ct_find(conntrack_t *ct, const flow_key_t *k) noexcept nogil:
+    cdef uint64_t h = flow_hash(k)
+    cdef uint64_t i = h & ct.mask
+    cdef uint64_t tag = (h >> 32) << 32
+    cdef uint64_t s
+    cdef uint32_t ref
+    while True:
+        s = ct.slots[i]
+        if s == 0:
+            return -1
+        if (s & 0xffffffff00000000ULL) == tag:
+            ref = <uint32_t>(s & 0xffffffffU) - 1
+            if key_eq(&ct.entries[ref >> 1].key[ref & 1], k):
+                return ref
+        i = (i + 1) & ct.mask
+
+cdef inline void ct_index_add(conntrack_t *ct, uint32_t ref) noexcept nogil:
+    cdef uint64_t h = flow_hash(&ct.entries[ref >> 1].key[ref & 1])
+    cdef uint64_t i = h & ct.mask
+    while ct.slots[i] != 0:
+        i = (i + 1) & ct.mask
+    ct.slots[i] = ((h >> 32) << 32) | (<uint64_t>ref + 1)
+
+cdef inline void ct_index_del(conntrack_t *ct, uint32_t ref) noexcept nogil:
+    cdef uint64_t h = flow_hash(&ct.entries[ref >> 1].key[ref & 1])
+    cdef uint64_t i = h & ct.mask
+    cdef uint64_t j, home, s
+    while ct.slots[i] != 0 and <uint32_t>(ct.slots[i] & 0xffffffffU) != ref + 1:
+        i = (i + 1) & ct.mask
+    if ct.slots[i] == 0:
+        return
+    # backward-shift deletion keeps probe chains intact without tombstones
+    j = i
+    while True:
+        j = (j + 1) & ct.mask
+        s = ct.slots[j]
+        if s == 0:
+            break
+        home = flow_hash(&ct.entries[(<uint32_t>(s & 0xffffffffU) - 1) >> 1].key[(<uint32_t>(s & 0xffffffffU) - 1) & 1]) & ct.mask
+        # slot j may move to i only if its home is not cyclically within (i, j]
+        if i <= j:
+            if i < home <= j:
+                continue
+        else:
+            if home > i or home <= j:
+                continue
+        ct.slots[i] = s
+        i = j
+    ct.slots[i] = 0
+
+cdef inline void ct_remove(conntrack_t *ct, uint32_t id) noexcept nogil:
+    ct_index_del(ct, id * 2)
+    ct_index_del(ct, id * 2 + 1)
+    ct.entries[id].state = CT_FREE
+    ct.free_ids[ct.nfree] = id
+    ct.nfree += 1
+    ct.count -= 1
+
+# Takes a free entry; when none is left, evicts (expired first, then an
+# unestablished flow) within a bounded scan. Returns -1 when nothing can go.
+cdef inline int64_t ct_alloc(conntrack_t *ct, uint32_t now, uint64_t *evicted) noexcept nogil:
+    cdef uint32_t n, id, victim = 0xffffffffU
+    cdef ct_entry_t *e
+    if ct.nfree == 0:
+        for n in range(min(ct.max, 256)):
+            id = ct.hand
+            ct.hand = (ct.hand + 1) % ct.max
+            e = &ct.entries[id]
+            if e.expires <= now:
+                victim = id
+                break
+            if victim == 0xffffffffU and state_unestablished(e.state):
+                victim = id
+        if victim == 0xffffffffU:
+            return -1
+        ct_remove(ct, victim)
+        evicted[0] += 1
+    ct.nfree -= 1
+    id = ct.free_ids[ct.nfree]
+    ct.count += 1
+    return id
+
+# Sweeps up to `budget` entries from the clock hand, removing expired ones.
+cdef inline uint32_t ct_sweep(conntrack_t *ct, uint32_t now, uint32_t budget) noexcept nogil:
+    cdef uint32_t n, id, removed = 0
+    if ct.count == 0:
+        return 0
+    for n in range(min(budget, ct.max)):
+        id = ct.hand
+        ct.hand = (ct.hand + 1) % ct.max
+        if ct.entries[id].state != CT_FREE and ct.entries[id].expires <= now:
+            ct_remove(ct, id)
+            removed += 1
+    return removed

@@ -1,0 +1,569 @@
+# cython: language_level=3
+"""engine._fastpath: the packet path.
+
+One batch, per call of Dataplane.run_io():
+  1. poll the TUN fd, read up to `batch` packets into preallocated slots
+  2. per packet, with the GIL released and no Python object touched:
+     parse -> conntrack lookup -> hit: rewrite both ways
+                                  miss: service table -> scheduler -> new flow
+     or build an ICMP port unreachable (no endpoints / port not served),
+     or count a drop by reason
+  3. write every forwarded or generated packet back into the TUN
+  4. sweep a few conntrack entries for expiry
+Python sees only batch counts and counters; tables are swapped whole.
+"""
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.stdlib cimport malloc, calloc, free
+from libc.string cimport memcpy
+from posix.unistd cimport read, write
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock,
+                               PyThread_free_lock, PyThread_acquire_lock,
+                               PyThread_release_lock, WAIT_LOCK)
+from cpython.bytes cimport PyBytes_FromStringAndSize
+
+from pkt cimport *
+
+cdef extern from "<arpa/inet.h>" nogil:
+    uint32_t htonl(uint32_t)
+    uint32_t ntohl(uint32_t)
+    uint16_t htons(uint16_t)
+    uint16_t ntohs(uint16_t)
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    enum: POLLIN
+
+include "csum.pxi"
+include "tables.pxi"
+include "conntrack.pxi"
+
+# Verdicts
+cdef enum:
+    V_DROP = 0
+    V_FORWARD = 1       # rewritten in place, write back
+    V_REPLY = 2         # replaced by a packet of ours (ICMP), write back
+
+# Drop reasons; a counter each. Keep in step with engine/refpath.py.
+cdef enum:
+    R_NONE = 0
+    R_MALFORMED = 1
+    R_UNSUPPORTED = 2
+    R_FRAGMENT = 3
+    R_NO_SERVICE = 4
+    R_UNALLOCATED = 5
+    R_NOT_SYN = 6
+    R_TABLE_FULL = 7
+    R_NAT_EXHAUSTED = 8
+    R_SPOOFED = 9
+    R_SOURCE_DENIED = 10
+    R_NREASONS = 11
+
+DROP_REASONS = ("none", "malformed", "unsupported", "fragment", "no_service",
+                "unallocated", "not_syn", "table_full", "nat_exhausted",
+                "spoofed", "source_denied")
+
+# Counters
+cdef enum:
+    C_RX_PACKETS = 0
+    C_RX_BYTES
+    C_TX_PACKETS
+    C_TX_BYTES
+    C_FLOWS_CREATED
+    C_FLOWS_EXPIRED
+    C_FLOWS_EVICTED
+    C_REJECTS
+    C_WRITE_ERRORS
+    C_DROPS
+    C_DROP_BASE
+    C_NCOUNTERS = C_DROP_BASE + R_NREASONS
+
+COUNTERS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "flows_created",
+            "flows_expired", "flows_evicted", "rejects", "write_errors", "drops")
+
+STATE_NAMES = ("FREE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT",
+               "CLOSE_WAIT", "TIME_WAIT", "CLOSE", "UNREPLIED", "ASSURED")
+
+# Default timeouts per state, seconds (kube-proxy's sysctls where it sets them)
+DEFAULT_TIMEOUTS = {
+    "SYN_SENT": 120, "SYN_RECV": 60, "ESTABLISHED": 86400, "FIN_WAIT": 120,
+    "CLOSE_WAIT": 3600, "TIME_WAIT": 120, "CLOSE": 10, "UNREPLIED": 30,
+    "ASSURED": 120,
+}
+
+cdef enum:
+    SLOT_SIZE = 65536           # one IPv4 datagram at most
+    ICMP_QUOTE_MAX = 548        # RFC 1812: error messages stay within 576 bytes
+    PORT_TRIES = 512            # bounded search for a free SNAT port
+
+
+cdef inline uint32_t xorshift32(uint32_t *s) noexcept nogil:
+    cdef uint32_t x = s[0]
+    x ^= x << 13
+    x ^= x >> 17
+    x ^= x << 5
+    s[0] = x
+    return x
+
+
+cdef inline void nat_rewrite(uint8_t *p, uint8_t *l4, uint8_t proto,
+                             uint32_t nsrc, uint16_t nsport,
+                             uint32_t ndst, uint16_t ndport) noexcept nogil:
+    cdef uint32_t osrc = ld32(p + IP_SRC), odst = ld32(p + IP_DST)
+    cdef uint16_t osport = ld16(l4 + L4_SPORT), odport = ld16(l4 + L4_DPORT)
+    cdef uint16_t c = ld16(p + IP_CSUM)
+    cdef int off = TCP_CSUM if proto == PROTO_TCP else UDP_CSUM
+    c = csum_replace4(c, osrc, nsrc)
+    c = csum_replace4(c, odst, ndst)
+    st16(p + IP_CSUM, c)
+    st32(p + IP_SRC, nsrc)
+    st32(p + IP_DST, ndst)
+    c = ld16(l4 + off)
+    if not (proto == PROTO_UDP and c == 0):     # UDP checksum 0: none, keep it so
+        c = csum_replace4(c, osrc, nsrc)
+        c = csum_replace4(c, odst, ndst)
+        c = csum_replace2(c, osport, nsport)
+        c = csum_replace2(c, odport, ndport)
+        if proto == PROTO_UDP and c == 0:
+            c = 0xffff
+        st16(l4 + off, c)
+    st16(l4 + L4_SPORT, nsport)
+    st16(l4 + L4_DPORT, ndport)
+
+
+# Replaces the datagram at p (tot bytes) with an ICMP port unreachable from
+# its destination to its source, quoting it; returns the new length.
+cdef inline Py_ssize_t build_port_unreachable(uint8_t *p, Py_ssize_t tot) noexcept nogil:
+    cdef uint8_t quote[ICMP_QUOTE_MAX]
+    cdef Py_ssize_t q = tot if tot < ICMP_QUOTE_MAX else ICMP_QUOTE_MAX
+    cdef Py_ssize_t n = IP_MIN_HLEN + ICMP_HLEN + q
+    cdef uint32_t src = ld32(p + IP_DST), dst = ld32(p + IP_SRC)
+    memcpy(quote, p, q)
+    p[0] = 0x45
+    p[1] = 0xc0
+    p[2] = <uint8_t>(n >> 8)
+    p[3] = <uint8_t>(n & 0xff)
+    p[4] = 0; p[5] = 0; p[6] = 0; p[7] = 0
+    p[IP_TTL] = 64
+    p[IP_PROTO] = PROTO_ICMP
+    st16(p + IP_CSUM, 0)
+    st32(p + IP_SRC, src)
+    st32(p + IP_DST, dst)
+    cdef uint8_t *ic = p + IP_MIN_HLEN
+    ic[ICMP_TYPE] = 3               # destination unreachable
+    ic[ICMP_CODE] = 3               # port unreachable
+    st16(ic + ICMP_CSUM, 0)
+    st32(ic + 4, 0)
+    memcpy(ic + ICMP_HLEN, quote, q)
+    st16(ic + ICMP_CSUM, csum_full(ic, ICMP_HLEN + q))
+    st16(p + IP_CSUM, csum_full(p, IP_MIN_HLEN))
+    return n
+
+
+cdef inline uint8_t tcp_next_state(uint8_t st, uint8_t *fl, int dir, uint8_t th) noexcept nogil:
+    if th & TH_RST:
+        return CT_CLOSE
+    if th & TH_FIN:
+        fl[0] |= CTF_FIN_ORIG if dir == DIR_ORIG else CTF_FIN_REPLY
+    if st == CT_SYN_SENT:
+        if dir == DIR_REPLY and (th & (TH_SYN | TH_ACK)) == (TH_SYN | TH_ACK):
+            return CT_SYN_RECV
+        return st
+    if st == CT_SYN_RECV:
+        if dir == DIR_ORIG and (th & TH_ACK) and not (th & TH_SYN):
+            st = CT_ESTABLISHED
+        else:
+            return st
+    if st == CT_CLOSE:
+        return st
+    if (fl[0] & (CTF_FIN_ORIG | CTF_FIN_REPLY)) == (CTF_FIN_ORIG | CTF_FIN_REPLY):
+        return CT_TIME_WAIT
+    if fl[0] & CTF_FIN_ORIG:
+        return CT_FIN_WAIT
+    if fl[0] & CTF_FIN_REPLY:
+        return CT_CLOSE_WAIT
+    return st
+
+
+cdef class Dataplane:
+    """Conntrack + NAT over compiled Tables; owns the batch buffers."""
+    cdef conntrack_t ct
+    cdef Tables tables
+    cdef uint32_t masq              # raw
+    cdef uint32_t port_lo, port_range
+    cdef uint32_t timeouts[CT_NSTATES]
+    cdef uint32_t rng
+    cdef uint64_t cnt[C_NCOUNTERS]
+    cdef PyThread_type_lock lock    # conntrack: batch vs. control-plane calls
+    cdef uint8_t *bufs
+    cdef Py_ssize_t *lens
+    cdef uint8_t *verdicts
+    cdef int batch
+
+    def __cinit__(self):
+        self.bufs = NULL
+        self.lens = NULL
+        self.verdicts = NULL
+        self.lock = NULL
+        self.ct.entries = NULL
+        self.ct.free_ids = NULL
+        self.ct.slots = NULL
+
+    def __init__(self, masquerade_ip, max_flows=262144, batch=64, seed=0x9E3779B9,
+                 port_range=(1024, 65535), timeouts=None, Tables tables=None):
+        if max_flows < 1:
+            raise ValueError("max_flows must be positive")
+        if not (1 <= port_range[0] <= port_range[1] <= 65535):
+            raise ValueError("bad SNAT port range")
+        ct_init(&self.ct, max_flows)
+        self.masq = htonl(int(masquerade_ip))
+        self.port_lo = port_range[0]
+        self.port_range = port_range[1] - port_range[0] + 1
+        self.rng = seed or 1
+        self.batch = batch
+        self.bufs = <uint8_t *>malloc(<size_t>batch * SLOT_SIZE)
+        self.lens = <Py_ssize_t *>calloc(batch, sizeof(Py_ssize_t))
+        self.verdicts = <uint8_t *>calloc(batch, 1)
+        self.lock = PyThread_allocate_lock()
+        if not self.bufs or not self.lens or not self.verdicts or not self.lock:
+            raise MemoryError()
+        self.set_timeouts(timeouts or {})
+        self.tables = tables if tables is not None else Tables([])
+
+    def __dealloc__(self):
+        ct_free(&self.ct)
+        free(self.bufs)
+        free(self.lens)
+        free(self.verdicts)
+        if self.lock:
+            PyThread_free_lock(self.lock)
+
+    def set_timeouts(self, dict timeouts):
+        merged = dict(DEFAULT_TIMEOUTS)
+        for k, v in timeouts.items():
+            if k not in merged:
+                raise ValueError(f"unknown conntrack state {k!r}")
+            merged[k] = v
+        for i, name in enumerate(STATE_NAMES):
+            self.timeouts[i] = int(merged.get(name, 0))
+
+    def swap(self, Tables tables not None):
+        """Atomically replace the service tables. A batch in flight keeps the
+        generation it started with (it holds a reference)."""
+        self.tables = tables
+
+    @property
+    def current_tables(self):
+        return self.tables
+
+    # -- the packet path ---------------------------------------------------
+
+    cdef int process_one(self, Tables t, uint8_t *p, Py_ssize_t n, uint32_t now,
+                         Py_ssize_t *outlen) noexcept nogil:
+        """Returns verdict | reason << 8; on V_FORWARD/V_REPLY, *outlen is set."""
+        cdef Py_ssize_t ihl, tot, l4len, doff
+        cdef uint8_t *l4
+        cdef uint8_t proto, th = 0
+        cdef flow_key_t k, rk
+        cdef int64_t ref, id
+        cdef int dir
+        cdef ct_entry_t *e
+        cdef flow_key_t *other
+        cdef svc_t *sv
+        cdef backend_t *b
+        cdef uint32_t i, start, port
+
+        self.cnt[C_RX_PACKETS] += 1
+        self.cnt[C_RX_BYTES] += n
+        # 1. parse: check every length once, then read freely
+        if n < IP_MIN_HLEN:
+            return self.drop(R_MALFORMED)
+        if (p[IP_VER_IHL] >> 4) != 4:
+            return self.drop(R_UNSUPPORTED)
+        ihl = (p[IP_VER_IHL] & 0x0f) * 4
+        tot = be16(p + IP_TOTLEN)
+        if ihl < IP_MIN_HLEN or tot < ihl or tot > n:
+            return self.drop(R_MALFORMED)
+        if be16(p + IP_FRAG) & 0x3fff:          # MF set or offset != 0
+            return self.drop(R_FRAGMENT)
+        proto = p[IP_PROTO]
+        l4 = p + ihl
+        l4len = tot - ihl
+        if proto == PROTO_TCP:
+            if l4len < TCP_MIN_HLEN:
+                return self.drop(R_MALFORMED)
+            doff = (l4[TCP_DOFF] >> 4) * 4
+            if doff < TCP_MIN_HLEN or doff > l4len:
+                return self.drop(R_MALFORMED)
+            th = l4[TCP_FLAGS]
+        elif proto == PROTO_UDP:
+            if l4len < UDP_HLEN or be16(l4 + UDP_LEN) < UDP_HLEN or be16(l4 + UDP_LEN) > l4len:
+                return self.drop(R_MALFORMED)
+        else:
+            return self.drop(R_UNSUPPORTED)
+        k.saddr = ld32(p + IP_SRC)
+        k.daddr = ld32(p + IP_DST)
+        k.sport = ld16(l4 + L4_SPORT)
+        k.dport = ld16(l4 + L4_DPORT)
+        k.proto = proto
+        k.family = 4
+        k.pad = 0
+
+        # 2. a tracked flow, either direction
+        ref = ct_find(&self.ct, &k)
+        if ref >= 0:
+            e = &self.ct.entries[ref >> 1]
+            if e.expires <= now:
+                ct_remove(&self.ct, <uint32_t>(ref >> 1))
+                self.cnt[C_FLOWS_EXPIRED] += 1
+                ref = -1
+            elif (proto == PROTO_TCP and (ref & 1) == DIR_ORIG
+                  and (th & (TH_SYN | TH_ACK | TH_RST)) == TH_SYN
+                  and (e.state == CT_TIME_WAIT or e.state == CT_CLOSE)):
+                ct_remove(&self.ct, <uint32_t>(ref >> 1))     # port reuse: a new connection
+                ref = -1
+        if ref >= 0:
+            dir = ref & 1
+            other = &e.key[1 - dir]
+            nat_rewrite(p, l4, proto, other.daddr, other.dport, other.saddr, other.sport)
+            if proto == PROTO_TCP:
+                e.state = tcp_next_state(e.state, &e.flags, dir, th)
+            elif dir == DIR_REPLY:
+                e.state = CT_UDP_ASSURED
+            e.expires = now + self.timeouts[e.state]
+            outlen[0] = tot
+            return V_FORWARD
+
+        # 3. a new flow: which service? (address 0 is the node-port key: it
+        # must be reached through a node address, never as a destination)
+        sv = t.lookup(k.daddr, k.dport, proto) if k.daddr != 0 else NULL
+        if sv == NULL and t.nnode and t.is_node_addr(k.daddr):
+            sv = t.lookup(0, k.dport, proto)
+        if sv == NULL:
+            if t.is_vip(k.daddr):
+                return self.reject(p, tot, outlen)   # live VIP, port not served
+            if k.daddr == self.masq:
+                return self.drop(R_SPOOFED)
+            if t.in_drop_cidrs(k.daddr):
+                return self.drop(R_UNALLOCATED)
+            return self.drop(R_NO_SERVICE)
+        if (sv.flags & SVC_F_SOURCE_RANGES) and not t.source_allowed(sv, k.saddr):
+            return self.drop(R_SOURCE_DENIED)
+        if sv.backend_count == 0:
+            return self.reject(p, tot, outlen)
+        if proto == PROTO_TCP and (th & (TH_SYN | TH_ACK | TH_RST | TH_FIN)) != TH_SYN:
+            return self.drop(R_NOT_SYN)
+
+        # 4. scheduler, then a free SNAT port for the reply tuple
+        b = &t.backends[sv.backend_start + xorshift32(&self.rng) % sv.backend_count]
+        rk.saddr = b.addr
+        rk.daddr = self.masq
+        rk.sport = b.port
+        rk.proto = proto
+        rk.family = 4
+        rk.pad = 0
+        start = xorshift32(&self.rng) % self.port_range
+        for i in range(PORT_TRIES if PORT_TRIES < self.port_range else self.port_range):
+            port = self.port_lo + (start + i) % self.port_range
+            rk.dport = htons(<uint16_t>port)
+            if ct_find(&self.ct, &rk) < 0:
+                break
+        else:
+            return self.drop(R_NAT_EXHAUSTED)
+        id = ct_alloc(&self.ct, now, &self.cnt[C_FLOWS_EVICTED])
+        if id < 0:
+            return self.drop(R_TABLE_FULL)
+        e = &self.ct.entries[id]
+        e.key[DIR_ORIG] = k
+        e.key[DIR_REPLY] = rk
+        e.svc = <uint32_t>(sv - t.svcs)
+        e.backend_addr = b.addr
+        e.flags = 0
+        e.state = CT_SYN_SENT if proto == PROTO_TCP else CT_UDP_UNREPLIED
+        e.expires = now + self.timeouts[e.state]
+        ct_index_add(&self.ct, <uint32_t>(id * 2))
+        ct_index_add(&self.ct, <uint32_t>(id * 2 + 1))
+        self.cnt[C_FLOWS_CREATED] += 1
+        nat_rewrite(p, l4, proto, rk.daddr, rk.dport, rk.saddr, rk.sport)
+        outlen[0] = tot
+        return V_FORWARD
+
+    cdef inline int drop(self, int reason) noexcept nogil:
+        self.cnt[C_DROPS] += 1
+        self.cnt[C_DROP_BASE + reason] += 1
+        return V_DROP | (reason << 8)
+
+    cdef inline int reject(self, uint8_t *p, Py_ssize_t tot, Py_ssize_t *outlen) noexcept nogil:
+        self.cnt[C_REJECTS] += 1
+        outlen[0] = build_port_unreachable(p, tot)
+        return V_REPLY
+
+    # -- I/O ---------------------------------------------------------------
+
+    def run_io(self, int fd, int timeout_ms=100):
+        """One batch: wait for the TUN fd, read, process, write back.
+        Returns the number of packets read."""
+        cdef Tables t = self.tables      # this generation for the whole batch
+        cdef pollfd pfd
+        cdef int n = 0, i, r, v
+        cdef Py_ssize_t got, outlen
+        cdef timespec ts
+        cdef uint32_t now
+        cdef uint8_t *slot
+        pfd.fd = fd
+        pfd.events = POLLIN
+        with nogil:
+            r = poll(&pfd, 1, timeout_ms)
+            if r > 0:
+                while n < self.batch:
+                    got = read(fd, self.bufs + <size_t>n * SLOT_SIZE, SLOT_SIZE)
+                    if got <= 0:
+                        break
+                    self.lens[n] = got
+                    n += 1
+            clock_gettime(CLOCK_MONOTONIC, &ts)
+            now = <uint32_t>ts.tv_sec
+            PyThread_acquire_lock(self.lock, WAIT_LOCK)
+            for i in range(n):
+                slot = self.bufs + <size_t>i * SLOT_SIZE
+                outlen = 0
+                v = self.process_one(t, slot, self.lens[i], now, &outlen) & 0xff
+                self.verdicts[i] = v
+                self.lens[i] = outlen
+            ct_sweep(&self.ct, now, 64)
+            PyThread_release_lock(self.lock)
+            for i in range(n):
+                if self.verdicts[i] != V_DROP:
+                    if write(fd, self.bufs + <size_t>i * SLOT_SIZE, self.lens[i]) == self.lens[i]:
+                        self.cnt[C_TX_PACKETS] += 1
+                        self.cnt[C_TX_BYTES] += self.lens[i]
+                    else:
+                        self.cnt[C_WRITE_ERRORS] += 1
+        return n
+
+    def process(self, const uint8_t[:] pkt, double now):
+        """In-memory path for tests: returns (verdict, reason, out bytes|None)."""
+        cdef Py_ssize_t n = pkt.shape[0], outlen = 0
+        cdef int r
+        if n > SLOT_SIZE:
+            raise ValueError("packet larger than a slot")
+        if n:
+            memcpy(self.bufs, &pkt[0], n)
+        with nogil:
+            PyThread_acquire_lock(self.lock, WAIT_LOCK)
+            r = self.process_one(self.tables, self.bufs, n, <uint32_t>now, &outlen)
+            PyThread_release_lock(self.lock)
+        verdict = r & 0xff
+        out = PyBytes_FromStringAndSize(<char *>self.bufs, outlen) if verdict != V_DROP else None
+        return (("drop", "forward", "reply")[verdict], DROP_REASONS[r >> 8], out)
+
+    def process_batch(self, list pkts, double now, int repeat=1):
+        """For benchmarks: copy each packet into a slot and process it, `repeat`
+        times over; returns the number forwarded."""
+        cdef Tables t = self.tables
+        cdef int npk = len(pkts), rep, i, fwd = 0
+        cdef Py_ssize_t outlen
+        cdef uint32_t tnow = <uint32_t>now
+        if npk > self.batch:
+            raise ValueError("more packets than batch slots")
+        cdef uint8_t *src = <uint8_t *>malloc(<size_t>npk * SLOT_SIZE)
+        cdef Py_ssize_t *srclen = <Py_ssize_t *>malloc(npk * sizeof(Py_ssize_t))
+        for i, pk in enumerate(pkts):
+            srclen[i] = len(pk)
+            memcpy(src + <size_t>i * SLOT_SIZE, <char *>pk, srclen[i])
+        with nogil:
+            PyThread_acquire_lock(self.lock, WAIT_LOCK)
+            for rep in range(repeat):
+                for i in range(npk):
+                    memcpy(self.bufs + <size_t>i * SLOT_SIZE, src + <size_t>i * SLOT_SIZE, srclen[i])
+                    if self.process_one(t, self.bufs + <size_t>i * SLOT_SIZE, srclen[i], tnow, &outlen) & 0xff:
+                        fwd += 1
+            PyThread_release_lock(self.lock)
+        free(src)
+        free(srclen)
+        return fwd
+
+    # -- control plane views -------------------------------------------------
+
+    def counters(self):
+        out = {name: self.cnt[i] for i, name in enumerate(COUNTERS)}
+        out["drops_by_reason"] = {DROP_REASONS[r]: self.cnt[C_DROP_BASE + r]
+                                  for r in range(1, R_NREASONS)}
+        out["flows"] = self.ct.count
+        out["max_flows"] = self.ct.max
+        return out
+
+    def flows(self, double now=-1):
+        """Snapshot of the flow table: list of dicts (like conntrack -L)."""
+        cdef uint32_t id
+        cdef ct_entry_t *e
+        cdef uint32_t tnow
+        if now < 0:
+            now = _monotonic()
+        tnow = <uint32_t>now
+        out = []
+        PyThread_acquire_lock(self.lock, WAIT_LOCK)
+        try:
+            for id in range(self.ct.max):
+                e = &self.ct.entries[id]
+                if e.state == CT_FREE or e.expires <= tnow:
+                    continue
+                out.append({
+                    "proto": e.key[0].proto,
+                    "state": STATE_NAMES[e.state],
+                    "timeout": e.expires - tnow,
+                    "orig": _key_tuple(&e.key[0]),
+                    "reply": _key_tuple(&e.key[1]),
+                    "svc": e.svc,
+                })
+        finally:
+            PyThread_release_lock(self.lock)
+        return out
+
+    def delete_flows(self, int proto, backend_addr, int backend_port=-1):
+        """Remove flows whose reply tuple comes from backend_addr(:port), e.g.
+        UDP flows to a removed endpoint. Returns how many went."""
+        cdef uint32_t id, removed = 0
+        cdef uint32_t addr = htonl(int(backend_addr))
+        cdef ct_entry_t *e
+        PyThread_acquire_lock(self.lock, WAIT_LOCK)
+        try:
+            for id in range(self.ct.max):
+                e = &self.ct.entries[id]
+                if (e.state != CT_FREE and e.key[1].proto == proto and e.key[1].saddr == addr
+                        and (backend_port < 0 or e.key[1].sport == htons(<uint16_t>backend_port))):
+                    ct_remove(&self.ct, id)
+                    removed += 1
+        finally:
+            PyThread_release_lock(self.lock)
+        return removed
+
+    def expire(self, double now, uint32_t budget=0xffffffff):
+        """Sweep expired flows (tests pass their own clock)."""
+        PyThread_acquire_lock(self.lock, WAIT_LOCK)
+        r = ct_sweep(&self.ct, <uint32_t>now, budget)
+        PyThread_release_lock(self.lock)
+        self.cnt[C_FLOWS_EXPIRED] += r
+        return r
+
+
+cdef tuple _key_tuple(flow_key_t *k):
+    return (ntohl(k.saddr), ntohs(k.sport), ntohl(k.daddr), ntohs(k.dport))
+
+
+def _monotonic():
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec / 1e9
+
+
+def monotonic():
+    """The dataplane clock (CLOCK_MONOTONIC seconds)."""
+    return _monotonic()
+
+
+ENTRY_BYTES = sizeof(ct_entry_t)

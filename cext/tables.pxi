@@ -1,0 +1,240 @@
+# Compiled service tables: what the control plane hands the fast path, built
+# once per sync and swapped in whole (Dataplane.swap). Read-only once built, so
+# a batch that holds a reference sees one consistent generation.
+#
+#   svc_slots    (vip, port, proto) -> service-port index, open addressing
+#   svcs         one row per service port: its backend slice and flags
+#   backends     (addr, port) of every ready endpoint, grouped per service port
+#   vip_slots    every live ClusterIP/external address: a packet to one of these
+#                on a port that is not served is rejected, not dropped
+#   ranges       source CIDRs of loadBalancerSourceRanges, per service port
+#   drop_cidrs   serviceCIDR & co: an address in here that is not a VIP is dropped
+
+cdef enum:
+    SVC_F_SOURCE_RANGES = 1     # only sources within ranges[] may open flows
+    SVC_F_NODEPORT = 2          # key addr is 0: any node address
+
+ctypedef struct svc_slot_t:
+    uint64_t key                # vip << 32 | port << 8 | proto, all raw
+    uint32_t svc                # index into svcs, EMPTY when unused
+    uint32_t pad
+
+ctypedef struct svc_t:
+    uint32_t backend_start
+    uint32_t backend_count
+    uint32_t range_start
+    uint32_t range_count
+    uint32_t flags
+    uint32_t scheduler
+    uint32_t vip                # raw; the address replies come from
+    uint16_t port               # raw
+    uint8_t proto
+    uint8_t pad
+
+ctypedef struct backend_t:
+    uint32_t addr               # raw
+    uint16_t port               # raw
+    uint16_t pad
+
+ctypedef struct cidr_t:
+    uint32_t net                # host order, for masking
+    uint32_t mask
+
+cdef extern from *:
+    """#define ENGINE_EMPTY_SLOT 0xffffffffu"""
+    const uint32_t EMPTY "ENGINE_EMPTY_SLOT"
+
+
+cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
+    # splitmix64 finalizer: cheap and spreads nearby keys over the table
+    x ^= x >> 30
+    x *= 0xbf58476d1ce4e5b9ULL
+    x ^= x >> 27
+    x *= 0x94d049bb133111ebULL
+    x ^= x >> 31
+    return x
+
+
+cdef inline uint32_t prefix_mask(int plen) noexcept:
+    if plen <= 0:
+        return 0
+    if plen >= 32:
+        return 0xffffffffU
+    return <uint32_t>(0xffffffffU << (32 - plen))
+
+
+cdef inline uint64_t svc_key(uint32_t addr, uint16_t port, uint8_t proto) noexcept nogil:
+    return (<uint64_t>addr << 32) | (<uint64_t>port << 8) | proto
+
+
+cdef class Tables:
+    """One generation of compiled service tables (immutable once built)."""
+    cdef svc_slot_t *svc_slots
+    cdef uint64_t svc_mask
+    cdef svc_t *svcs
+    cdef uint32_t nsvcs
+    cdef backend_t *backends
+    cdef uint32_t nbackends
+    cdef uint32_t *vip_slots
+    cdef uint64_t vip_mask
+    cdef cidr_t *ranges
+    cdef uint32_t nranges
+    cdef cidr_t *drop_cidrs
+    cdef uint32_t ndrop
+    cdef uint32_t *node_addrs
+    cdef uint32_t nnode
+    cdef readonly object names      # service-port names, index = svc id (for stats)
+
+    def __cinit__(self):
+        self.svc_slots = NULL
+        self.svcs = NULL
+        self.backends = NULL
+        self.vip_slots = NULL
+        self.ranges = NULL
+        self.drop_cidrs = NULL
+        self.node_addrs = NULL
+
+    def __dealloc__(self):
+        free(self.svc_slots)
+        free(self.svcs)
+        free(self.backends)
+        free(self.vip_slots)
+        free(self.ranges)
+        free(self.drop_cidrs)
+        free(self.node_addrs)
+
+    def __init__(self, services, vips=(), drop_cidrs=(), node_addrs=()):
+        """services: sequence of dicts with keys
+             name, vip (int, host order; 0 for a node port), port, proto (6/17),
+             backends [(addr int, port)], source_ranges [(net int, prefixlen)],
+             scheduler (int), nodeport (bool)
+           vips: addresses (int) that are live service addresses
+           drop_cidrs: [(net int, prefixlen)] where unallocated addresses are dropped
+           node_addrs: addresses (int) on which node-port keys (vip 0) apply
+        """
+        cdef uint32_t i, j, b, r, nb = 0, nr = 0
+        cdef uint64_t size, h, key
+        services = list(services)
+        self.names = [s["name"] for s in services]
+        self.nsvcs = len(services)
+        for s in services:
+            nb += len(s["backends"])
+            nr += len(s.get("source_ranges") or ())
+        self.nbackends = nb
+        self.nranges = nr
+        self.svcs = <svc_t *>calloc(max(1, self.nsvcs), sizeof(svc_t))
+        self.backends = <backend_t *>calloc(max(1, nb), sizeof(backend_t))
+        self.ranges = <cidr_t *>calloc(max(1, nr), sizeof(cidr_t))
+        size = 16
+        while size < 2 * (<uint64_t>self.nsvcs) + 2:
+            size <<= 1
+        self.svc_mask = size - 1
+        self.svc_slots = <svc_slot_t *>malloc(size * sizeof(svc_slot_t))
+        if not self.svcs or not self.backends or not self.ranges or not self.svc_slots:
+            raise MemoryError()
+        for h in range(size):
+            self.svc_slots[h].svc = EMPTY
+        b = 0
+        r = 0
+        for i, s in enumerate(services):
+            sv = &self.svcs[i]
+            sv.vip = htonl(s["vip"])
+            sv.port = htons(s["port"])
+            sv.proto = s["proto"]
+            sv.scheduler = s.get("scheduler", 0)
+            sv.flags = SVC_F_NODEPORT if s.get("nodeport") else 0
+            sv.backend_start = b
+            for addr, port in s["backends"]:
+                self.backends[b].addr = htonl(addr)
+                self.backends[b].port = htons(port)
+                b += 1
+            sv.backend_count = b - sv.backend_start
+            sv.range_start = r
+            for net, plen in s.get("source_ranges") or ():
+                self.ranges[r].mask = prefix_mask(plen)
+                self.ranges[r].net = net & self.ranges[r].mask
+                r += 1
+            sv.range_count = r - sv.range_start
+            if sv.range_count:
+                sv.flags |= SVC_F_SOURCE_RANGES
+            key = svc_key(sv.vip, sv.port, sv.proto)
+            h = mix64(key) & self.svc_mask
+            while self.svc_slots[h].svc != EMPTY:
+                if self.svc_slots[h].key == key:
+                    raise ValueError(f"duplicate service key {s['name']}")
+                h = (h + 1) & self.svc_mask
+            self.svc_slots[h].key = key
+            self.svc_slots[h].svc = i
+        self.vip_slots = _addr_set([htonl(a) for a in vips], &self.vip_mask)
+        self.ndrop = len(drop_cidrs)
+        self.drop_cidrs = <cidr_t *>calloc(max(1, self.ndrop), sizeof(cidr_t))
+        for j, (net, plen) in enumerate(drop_cidrs):
+            self.drop_cidrs[j].mask = prefix_mask(plen)
+            self.drop_cidrs[j].net = net & self.drop_cidrs[j].mask
+        self.nnode = len(node_addrs)
+        self.node_addrs = <uint32_t *>calloc(max(1, self.nnode), sizeof(uint32_t))
+        for j, a in enumerate(node_addrs):
+            self.node_addrs[j] = htonl(a)
+
+    @property
+    def size(self):
+        return self.nsvcs
+
+    cdef inline svc_t *lookup(self, uint32_t addr, uint16_t port, uint8_t proto) noexcept nogil:
+        cdef uint64_t key = svc_key(addr, port, proto)
+        cdef uint64_t h = mix64(key) & self.svc_mask
+        while self.svc_slots[h].svc != EMPTY:
+            if self.svc_slots[h].key == key:
+                return &self.svcs[self.svc_slots[h].svc]
+            h = (h + 1) & self.svc_mask
+        return NULL
+
+    cdef inline bint is_vip(self, uint32_t addr) noexcept nogil:
+        cdef uint64_t h = mix64(addr) & self.vip_mask
+        while self.vip_slots[h] != 0:
+            if self.vip_slots[h] == addr:
+                return True
+            h = (h + 1) & self.vip_mask
+        return False
+
+    cdef inline bint is_node_addr(self, uint32_t addr) noexcept nogil:
+        cdef uint32_t i
+        for i in range(self.nnode):
+            if self.node_addrs[i] == addr:
+                return True
+        return False
+
+    cdef inline bint in_drop_cidrs(self, uint32_t addr) noexcept nogil:
+        cdef uint32_t i, a = ntohl(addr)
+        for i in range(self.ndrop):
+            if (a & self.drop_cidrs[i].mask) == self.drop_cidrs[i].net:
+                return True
+        return False
+
+    cdef inline bint source_allowed(self, const svc_t *sv, uint32_t addr) noexcept nogil:
+        cdef uint32_t i, a = ntohl(addr)
+        for i in range(sv.range_start, sv.range_start + sv.range_count):
+            if (a & self.ranges[i].mask) == self.ranges[i].net:
+                return True
+        return False
+
+
+cdef uint32_t *_addr_set(list addrs, uint64_t *mask) except NULL:
+    """Open-addressing set of raw addresses; 0 marks an empty slot."""
+    cdef uint64_t size = 16, h
+    cdef uint32_t a
+    while size < 2 * len(addrs) + 2:
+        size <<= 1
+    cdef uint32_t *slots = <uint32_t *>calloc(size, sizeof(uint32_t))
+    if not slots:
+        raise MemoryError()
+    for x in addrs:
+        a = x
+        if a == 0:
+            continue
+        h = mix64(a) & (size - 1)
+        while slots[h] != 0 and slots[h] != a:
+            h = (h + 1) & (size - 1)
+        slots[h] = a
+    mask[0] = size - 1
+    return slots

@@ -1,0 +1,1 @@
+"""engine: a Kubernetes Service load balancer on a TUN device."""

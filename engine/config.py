@@ -1,0 +1,550 @@
+"""Configuration: the EngineConfiguration document plus Kubernetes objects.
+
+load(path) reads one multi-document YAML stream (and the files or folders
+named by `manifests:`), validates every object, and returns a Config. Every
+error names the file, the object and the field, as a ConfigError.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import yaml
+
+from .model import (PROTOCOLS, SERVICE_TYPES, Endpoint, EndpointSlice, Pod,
+                    Service, ServicePort, Source)
+
+log = logging.getLogger("engine.config")
+
+MAX_FILE_BYTES = 16 * 1024 * 1024     # a manifest larger than this is refused
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS1123_SUB = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+IANA_SVC_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
+SCHEDULERS = ("random", "rr", "lc", "sh", "mh")
+
+
+class ConfigError(Exception):
+    """A configuration problem, with where it is."""
+
+    def __init__(self, where, field_, msg):
+        self.where = str(where)
+        self.field = field_
+        self.msg = msg
+        super().__init__(f"{self.where}: {field_}: {msg}" if field_ else f"{self.where}: {msg}")
+
+
+@dataclass
+class DNSConfig:
+    cluster_ip: Optional[str] = "10.96.0.10"
+    domain: str = "cluster.local"
+    upstream: list = field(default_factory=list)
+    ttl: int = 5
+    port: int = 53
+
+
+@dataclass
+class ConntrackConfig:
+    max: int = 262144
+    tcp_established_timeout: int = 86400
+    tcp_close_wait_timeout: int = 3600
+    udp_timeout: int = 30
+    udp_stream_timeout: int = 120
+
+
+@dataclass
+class EngineConfig:
+    tun_name: str = "kube-tun0"
+    service_cidr: str = "10.96.0.0/12"
+    node_port_range: tuple = (30000, 32767)
+    node_port_addresses: list = field(default_factory=list)
+    masquerade_ip: str = "169.254.100.1"
+    load_balancer_cidr: Optional[str] = None
+    scheduler: str = "random"
+    dns: DNSConfig = field(default_factory=DNSConfig)
+    conntrack: ConntrackConfig = field(default_factory=ConntrackConfig)
+    metrics_bind_address: Optional[str] = "127.0.0.1:10249"
+    healthz_bind_address: Optional[str] = "127.0.0.1:10256"
+    control_socket: str = "/run/engine/engine.sock"
+    manifests: list = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    engine: EngineConfig
+    services: list
+    pods: list
+    slices: list
+    path: Optional[str] = None
+    files: list = field(default_factory=list)     # every file read, for watching
+    notes: list = field(default_factory=list)     # ignored kinds and the like
+
+
+# -- small typed readers ---------------------------------------------------
+
+def _duration(where, fld, v):
+    """86400, "86400s", "1h30m", "10m" -> seconds (int)."""
+    if isinstance(v, bool):
+        raise ConfigError(where, fld, f"expected a duration, got {v!r}")
+    if isinstance(v, int):
+        secs = v
+    elif isinstance(v, str) and re.fullmatch(r"(\d+h)?(\d+m)?(\d+s)?", v.strip()) and v.strip():
+        m = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", v.strip())
+        h, mi, s = (int(x) if x else 0 for x in m.groups())
+        secs = h * 3600 + mi * 60 + s
+    else:
+        raise ConfigError(where, fld, f"expected a duration like 30s, 10m or 24h, got {v!r}")
+    if secs <= 0 or secs > 10 * 365 * 86400:
+        raise ConfigError(where, fld, f"duration out of range: {v!r}")
+    return secs
+
+
+def _int(where, fld, v, lo, hi):
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(where, fld, f"expected an integer, got {v!r}")
+    if not lo <= v <= hi:
+        raise ConfigError(where, fld, f"{v} is out of range {lo}-{hi}")
+    return v
+
+
+def _str(where, fld, v):
+    if not isinstance(v, str):
+        raise ConfigError(where, fld, f"expected a string, got {v!r}")
+    return v
+
+
+def _ipv4(where, fld, v):
+    try:
+        return str(ipaddress.IPv4Address(_str(where, fld, v)))
+    except ipaddress.AddressValueError:
+        raise ConfigError(where, fld, f"not an IPv4 address: {v!r}") from None
+
+
+def _cidr(where, fld, v):
+    try:
+        return str(ipaddress.IPv4Network(_str(where, fld, v), strict=False))
+    except (ipaddress.AddressValueError, ipaddress.NetmaskValueError, ValueError):
+        raise ConfigError(where, fld, f"not an IPv4 CIDR: {v!r}") from None
+
+
+def _hostport(where, fld, v):
+    if v in (None, ""):
+        return None
+    s = _str(where, fld, v)
+    host, sep, port = s.rpartition(":")
+    if not sep:
+        raise ConfigError(where, fld, f"expected ADDRESS:PORT, got {v!r}")
+    _ipv4(where, fld, host)
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(where, fld, f"bad port in {v!r}")
+    return s
+
+
+def _map(where, fld, v):
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ConfigError(where, fld, f"expected a mapping, got {type(v).__name__}")
+    return v
+
+
+def _list(where, fld, v):
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise ConfigError(where, fld, f"expected a list, got {type(v).__name__}")
+    return v
+
+
+def _check_keys(where, fld, d, allowed):
+    for k in d:
+        if k not in allowed:
+            raise ConfigError(where, f"{fld}.{k}" if fld else k, "unknown field")
+
+
+# -- EngineConfiguration ------------------------------------------------------
+
+_ENGINE_KEYS = {"apiVersion", "kind", "tunName", "serviceCIDR", "nodePortRange",
+                "nodePortAddresses", "masqueradeIP", "loadBalancerCIDR", "scheduler",
+                "dns", "conntrack", "metricsBindAddress", "healthzBindAddress",
+                "controlSocket", "manifests"}
+
+
+def parse_engine(doc, where):
+    _check_keys(where, "", doc, _ENGINE_KEYS)
+    c = EngineConfig()
+    if "tunName" in doc:
+        c.tun_name = _str(where, "tunName", doc["tunName"])
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", c.tun_name):
+            raise ConfigError(where, "tunName", f"not a valid interface name: {c.tun_name!r}")
+    if "serviceCIDR" in doc:
+        c.service_cidr = _cidr(where, "serviceCIDR", doc["serviceCIDR"])
+    if "nodePortRange" in doc:
+        v = doc["nodePortRange"]
+        m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", str(v)) if isinstance(v, (str, int)) else None
+        if not m:
+            raise ConfigError(where, "nodePortRange", f"expected FIRST-LAST, got {v!r}")
+        lo, hi = int(m.group(1)), int(m.group(2))
+        if not 1 <= lo <= hi <= 65535:
+            raise ConfigError(where, "nodePortRange", f"bad range {v!r}")
+        c.node_port_range = (lo, hi)
+    if "nodePortAddresses" in doc:
+        c.node_port_addresses = [_cidr(where, f"nodePortAddresses[{i}]", a)
+                                 for i, a in enumerate(_list(where, "nodePortAddresses", doc["nodePortAddresses"]))]
+    if "masqueradeIP" in doc:
+        c.masquerade_ip = _ipv4(where, "masqueradeIP", doc["masqueradeIP"])
+    if doc.get("loadBalancerCIDR") is not None:
+        c.load_balancer_cidr = _cidr(where, "loadBalancerCIDR", doc["loadBalancerCIDR"])
+    if "scheduler" in doc:
+        c.scheduler = _str(where, "scheduler", doc["scheduler"])
+        if c.scheduler not in SCHEDULERS:
+            raise ConfigError(where, "scheduler", f"unknown scheduler {c.scheduler!r} (one of {', '.join(SCHEDULERS)})")
+    if "dns" in doc:
+        d = _map(where, "dns", doc["dns"])
+        _check_keys(where, "dns", d, {"clusterIP", "domain", "upstream", "ttl", "port"})
+        if "clusterIP" in d:
+            c.dns.cluster_ip = None if d["clusterIP"] in (None, "", "None") else _ipv4(where, "dns.clusterIP", d["clusterIP"])
+        if "domain" in d:
+            c.dns.domain = _str(where, "dns.domain", d["domain"]).strip(".").lower()
+            if not DNS1123_SUB.match(c.dns.domain):
+                raise ConfigError(where, "dns.domain", f"not a DNS domain: {d['domain']!r}")
+        if "upstream" in d:
+            ups = d["upstream"] if isinstance(d["upstream"], list) else [d["upstream"]]
+            c.dns.upstream = [_upstream(where, f"dns.upstream[{i}]", u) for i, u in enumerate(ups)]
+        if "ttl" in d:
+            c.dns.ttl = _int(where, "dns.ttl", d["ttl"], 0, 86400)
+        if "port" in d:
+            c.dns.port = _int(where, "dns.port", d["port"], 1, 65535)
+    if "conntrack" in doc:
+        d = _map(where, "conntrack", doc["conntrack"])
+        _check_keys(where, "conntrack", d, {"max", "tcpEstablishedTimeout", "tcpCloseWaitTimeout",
+                                            "udpTimeout", "udpStreamTimeout"})
+        if "max" in d:
+            c.conntrack.max = _int(where, "conntrack.max", d["max"], 16, 1 << 26)
+        for key, attr in (("tcpEstablishedTimeout", "tcp_established_timeout"),
+                          ("tcpCloseWaitTimeout", "tcp_close_wait_timeout"),
+                          ("udpTimeout", "udp_timeout"), ("udpStreamTimeout", "udp_stream_timeout")):
+            if key in d:
+                setattr(c.conntrack, attr, _duration(where, f"conntrack.{key}", d[key]))
+    if "metricsBindAddress" in doc:
+        c.metrics_bind_address = _hostport(where, "metricsBindAddress", doc["metricsBindAddress"])
+    if "healthzBindAddress" in doc:
+        c.healthz_bind_address = _hostport(where, "healthzBindAddress", doc["healthzBindAddress"])
+    if "controlSocket" in doc:
+        c.control_socket = _str(where, "controlSocket", doc["controlSocket"])
+    if "manifests" in doc:
+        c.manifests = [_str(where, f"manifests[{i}]", m) for i, m in enumerate(_list(where, "manifests", doc["manifests"]))]
+    masq = ipaddress.IPv4Address(c.masquerade_ip)
+    if masq in ipaddress.IPv4Network(c.service_cidr):
+        raise ConfigError(where, "masqueradeIP", f"{masq} lies inside serviceCIDR {c.service_cidr}")
+    if c.dns.cluster_ip and ipaddress.IPv4Address(c.dns.cluster_ip) not in ipaddress.IPv4Network(c.service_cidr):
+        raise ConfigError(where, "dns.clusterIP", f"{c.dns.cluster_ip} is not in serviceCIDR {c.service_cidr}")
+    return c
+
+
+def _upstream(where, fld, v):
+    s = str(v) if isinstance(v, (str, int)) else None
+    if s is None:
+        raise ConfigError(where, fld, f"expected ADDRESS or ADDRESS:PORT, got {v!r}")
+    host, _, port = s.partition(":")
+    _ipv4(where, fld, host)
+    if port and (not port.isdigit() or not 1 <= int(port) <= 65535):
+        raise ConfigError(where, fld, f"bad port in {v!r}")
+    return (host, int(port) if port else 53)
+
+
+# -- Kubernetes objects -------------------------------------------------------
+
+def _meta(doc, file, kind):
+    where0 = Source(file, kind, "", "?")
+    meta = _map(where0, "metadata", doc.get("metadata"))
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(where0, "metadata.name", "is required")
+    ns = meta.get("namespace", "default")
+    if not isinstance(ns, str) or not DNS1123_LABEL.match(ns):
+        raise ConfigError(Source(file, kind, "", name), "metadata.namespace", f"not a valid namespace: {ns!r}")
+    return meta, Source(file, kind, ns, name)
+
+
+def parse_service(doc, file):
+    meta, src = _meta(doc, file, "Service")
+    if not DNS1035.match(src.name) or len(src.name) > 63:
+        raise ConfigError(src, "metadata.name", "must be a DNS-1035 label (lowercase letters, digits, '-')")
+    spec = _map(src, "spec", doc.get("spec"))
+    typ = spec.get("type", "ClusterIP")
+    if typ not in SERVICE_TYPES:
+        raise ConfigError(src, "spec.type", f"unsupported value {typ!r} (one of {', '.join(SERVICE_TYPES)})")
+    svc = Service(namespace=src.namespace, name=src.name, type=typ, cluster_ip=None,
+                  selector=None, ports=[], source=src,
+                  annotations={str(k): str(v) for k, v in _map(src, "metadata.annotations", meta.get("annotations")).items()})
+    if typ == "ExternalName":
+        en = spec.get("externalName")
+        if not isinstance(en, str) or not en:
+            raise ConfigError(src, "spec.externalName", "is required for type ExternalName")
+        en = en.rstrip(".").lower()
+        if not DNS1123_SUB.match(en) or len(en) > 253:
+            raise ConfigError(src, "spec.externalName", f"not a DNS name: {spec['externalName']!r}")
+        svc.external_name = en
+    cip = spec.get("clusterIP")
+    if cip not in (None, ""):
+        if cip == "None":
+            svc.cluster_ip = "None"
+        elif typ != "ExternalName":
+            svc.cluster_ip = _ipv4(src, "spec.clusterIP", cip)
+    if svc.headless and typ in ("NodePort", "LoadBalancer"):
+        raise ConfigError(src, "spec.clusterIP", f"may not be None for type {typ}")
+    sel = spec.get("selector")
+    if sel is not None:
+        sel = _map(src, "spec.selector", sel)
+        svc.selector = {str(k): str(v) for k, v in sel.items()}
+    ports = _list(src, "spec.ports", spec.get("ports"))
+    if not ports and typ not in ("ExternalName",) and not svc.headless:
+        raise ConfigError(src, "spec.ports", "at least one port is required")
+    seen_names, seen_ports = set(), set()
+    for i, p in enumerate(ports):
+        f = f"spec.ports[{i}]"
+        p = _map(src, f, p)
+        _check_keys(src, f, p, {"name", "protocol", "port", "targetPort", "nodePort", "appProtocol"})
+        name = p.get("name", "")
+        if not isinstance(name, str) or (name and not DNS1123_LABEL.match(name)):
+            raise ConfigError(src, f"{f}.name", f"not a valid port name: {name!r}")
+        if len(ports) > 1 and not name:
+            raise ConfigError(src, f"{f}.name", "is required when a service has more than one port")
+        if name in seen_names:
+            raise ConfigError(src, f"{f}.name", f"duplicate port name {name!r}")
+        seen_names.add(name)
+        proto = p.get("protocol", "TCP")
+        if proto == "SCTP":
+            raise ConfigError(src, f"{f}.protocol", "SCTP is not supported by this engine")
+        if proto not in PROTOCOLS:
+            raise ConfigError(src, f"{f}.protocol", f"unsupported value {proto!r} (TCP or UDP)")
+        port = _int(src, f"{f}.port", p.get("port"), 1, 65535)
+        if (port, proto) in seen_ports:
+            raise ConfigError(src, f"{f}.port", f"duplicate port {port}/{proto}")
+        seen_ports.add((port, proto))
+        tp = p.get("targetPort", port)
+        if isinstance(tp, str) and tp.isdigit():
+            tp = int(tp)
+        if isinstance(tp, str):
+            if not IANA_SVC_NAME.match(tp) or not re.search(r"[a-z]", tp):
+                raise ConfigError(src, f"{f}.targetPort", f"not a port number or name: {tp!r}")
+        else:
+            tp = _int(src, f"{f}.targetPort", tp, 1, 65535)
+        np_ = p.get("nodePort")
+        if np_ is not None:
+            np_ = _int(src, f"{f}.nodePort", np_, 1, 65535)
+            if typ not in ("NodePort", "LoadBalancer"):
+                raise ConfigError(src, f"{f}.nodePort", f"may not be set for type {typ}")
+        svc.ports.append(ServicePort(name=name, protocol=proto, port=port, target_port=tp, node_port=np_))
+    if spec.get("loadBalancerIP") not in (None, ""):
+        svc.load_balancer_ip = _ipv4(src, "spec.loadBalancerIP", spec["loadBalancerIP"])
+    svc.load_balancer_source_ranges = [
+        _cidr(src, f"spec.loadBalancerSourceRanges[{i}]", r)
+        for i, r in enumerate(_list(src, "spec.loadBalancerSourceRanges", spec.get("loadBalancerSourceRanges")))]
+    svc.external_ips = [_ipv4(src, f"spec.externalIPs[{i}]", a)
+                        for i, a in enumerate(_list(src, "spec.externalIPs", spec.get("externalIPs")))]
+    aff = spec.get("sessionAffinity", "None")
+    if aff not in ("None", "ClientIP"):
+        raise ConfigError(src, "spec.sessionAffinity", f"unsupported value {aff!r} (None or ClientIP)")
+    svc.session_affinity = aff
+    sac = _map(src, "spec.sessionAffinityConfig", spec.get("sessionAffinityConfig"))
+    cip_cfg = _map(src, "spec.sessionAffinityConfig.clientIP", sac.get("clientIP"))
+    if "timeoutSeconds" in cip_cfg:
+        svc.affinity_timeout = _int(src, "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                                    cip_cfg["timeoutSeconds"], 1, 86400)
+    svc.publish_not_ready = bool(spec.get("publishNotReadyAddresses", False))
+    return svc
+
+
+def parse_pod(doc, file):
+    meta, src = _meta(doc, file, "Pod")
+    labels = {str(k): str(v) for k, v in _map(src, "metadata.labels", meta.get("labels")).items()}
+    spec = _map(src, "spec", doc.get("spec"))
+    status = _map(src, "status", doc.get("status"))
+    ip = status.get("podIP")
+    if ip not in (None, ""):
+        ip = _ipv4(src, "status.podIP", ip)
+    else:
+        ip = None
+    ready = False
+    for i, cond in enumerate(_list(src, "status.conditions", status.get("conditions"))):
+        cond = _map(src, f"status.conditions[{i}]", cond)
+        if cond.get("type") == "Ready":
+            ready = str(cond.get("status")) == "True"
+    if "conditions" not in status and ip:
+        ready = True        # a hand-written pod with an IP and no status conditions counts as ready
+    cports = {}
+    for ci, c in enumerate(_list(src, "spec.containers", spec.get("containers"))):
+        c = _map(src, f"spec.containers[{ci}]", c)
+        for pi, p in enumerate(_list(src, f"spec.containers[{ci}].ports", c.get("ports"))):
+            f = f"spec.containers[{ci}].ports[{pi}]"
+            p = _map(src, f, p)
+            port = _int(src, f"{f}.containerPort", p.get("containerPort"), 1, 65535)
+            if p.get("name"):
+                cports[str(p["name"])] = (port, p.get("protocol", "TCP"))
+    return Pod(namespace=src.namespace, name=src.name, labels=labels, ip=ip, ready=ready,
+               terminating=bool(meta.get("deletionTimestamp")), hostname=spec.get("hostname"),
+               container_ports=cports, source=src)
+
+
+def parse_endpointslice(doc, file):
+    meta, src = _meta(doc, file, "EndpointSlice")
+    labels = _map(src, "metadata.labels", meta.get("labels"))
+    svc_name = labels.get("kubernetes.io/service-name")
+    if not svc_name:
+        raise ConfigError(src, "metadata.labels", "kubernetes.io/service-name is required")
+    if doc.get("addressType", "IPv4") != "IPv4":
+        raise ConfigError(src, "addressType", f"unsupported value {doc.get('addressType')!r} (IPv4)")
+    ports = []
+    for i, p in enumerate(_list(src, "ports", doc.get("ports"))):
+        p = _map(src, f"ports[{i}]", p)
+        proto = p.get("protocol", "TCP")
+        if proto not in PROTOCOLS:
+            raise ConfigError(src, f"ports[{i}].protocol", f"unsupported value {proto!r}")
+        ports.append((p.get("name", "") or "", _int(src, f"ports[{i}].port", p.get("port"), 1, 65535), proto))
+    eps = []
+    for i, e in enumerate(_list(src, "endpoints", doc.get("endpoints"))):
+        e = _map(src, f"endpoints[{i}]", e)
+        cond = _map(src, f"endpoints[{i}].conditions", e.get("conditions"))
+        ready = cond.get("ready", True) is not False
+        serving = cond.get("serving", ready) is not False
+        terminating = cond.get("terminating", False) is True
+        tref = _map(src, f"endpoints[{i}].targetRef", e.get("targetRef"))
+        for j, a in enumerate(_list(src, f"endpoints[{i}].addresses", e.get("addresses"))):
+            eps.append(Endpoint(ip=_ipv4(src, f"endpoints[{i}].addresses[{j}]", a), port=0,
+                                ready=ready and not terminating, serving=serving,
+                                terminating=terminating, pod=tref.get("name"),
+                                hostname=e.get("hostname")))
+    return EndpointSlice(namespace=src.namespace, name=src.name, service_name=svc_name,
+                         ports=ports, endpoints=eps, source=src)
+
+
+def parse_endpoints(doc, file):
+    """Legacy v1 Endpoints: each subset becomes one slice of the service."""
+    meta, src = _meta(doc, file, "Endpoints")
+    slices = []
+    for si, sub in enumerate(_list(src, "subsets", doc.get("subsets"))):
+        f = f"subsets[{si}]"
+        sub = _map(src, f, sub)
+        ports = []
+        for i, p in enumerate(_list(src, f"{f}.ports", sub.get("ports"))):
+            p = _map(src, f"{f}.ports[{i}]", p)
+            proto = p.get("protocol", "TCP")
+            if proto not in PROTOCOLS:
+                raise ConfigError(src, f"{f}.ports[{i}].protocol", f"unsupported value {proto!r}")
+            ports.append((p.get("name", "") or "", _int(src, f"{f}.ports[{i}].port", p.get("port"), 1, 65535), proto))
+        eps = []
+        for key, ready in (("addresses", True), ("notReadyAddresses", False)):
+            for i, a in enumerate(_list(src, f"{f}.{key}", sub.get(key))):
+                a = _map(src, f"{f}.{key}[{i}]", a)
+                tref = _map(src, f"{f}.{key}[{i}].targetRef", a.get("targetRef"))
+                eps.append(Endpoint(ip=_ipv4(src, f"{f}.{key}[{i}].ip", a.get("ip")), port=0,
+                                    ready=ready, serving=ready, pod=tref.get("name"),
+                                    hostname=a.get("hostname")))
+        slices.append(EndpointSlice(namespace=src.namespace, name=f"{src.name}-{si}",
+                                    service_name=src.name, ports=ports, endpoints=eps, source=src))
+    return slices
+
+
+# -- files ---------------------------------------------------------------------
+
+def _read_docs(path):
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_FILE_BYTES:
+            raise ConfigError(path, "", f"file is {size} bytes, larger than the {MAX_FILE_BYTES} allowed")
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, "", f"not UTF-8 text: {e}") from None
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read: {e.strerror}") from None
+    try:
+        docs = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(path, "", f"invalid YAML{at}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(path, "", "invalid YAML: nested too deeply") from None
+    return [d for d in docs if d is not None]
+
+
+def _manifest_files(base_dir, entry, where):
+    p = entry if os.path.isabs(entry) else os.path.join(base_dir, entry)
+    if os.path.isdir(p):
+        return sorted(os.path.join(p, f) for f in os.listdir(p)
+                      if f.endswith((".yaml", ".yml", ".json")) and not f.startswith("."))
+    if os.path.isfile(p):
+        return [p]
+    raise ConfigError(where, "manifests", f"no such file or folder: {entry!r}")
+
+
+def _objects(doc, file, cfg, engine_docs):
+    where = Source(file, str(doc.get("kind", "?")) if isinstance(doc, dict) else "?", "", "?")
+    if not isinstance(doc, dict):
+        raise ConfigError(file, "", f"a document must be a mapping, got {type(doc).__name__}")
+    kind = doc.get("kind")
+    if not isinstance(kind, str):
+        raise ConfigError(where, "kind", "is required")
+    if kind == "EngineConfiguration":
+        engine_docs.append(doc)
+    elif kind == "List" or (kind.endswith("List") and isinstance(doc.get("items"), list)):
+        for item in _list(where, "items", doc.get("items")):
+            _objects(item, file, cfg, engine_docs)
+    elif kind == "Service":
+        cfg.services.append(parse_service(doc, file))
+    elif kind == "Pod":
+        cfg.pods.append(parse_pod(doc, file))
+    elif kind == "EndpointSlice":
+        cfg.slices.append(parse_endpointslice(doc, file))
+    elif kind == "Endpoints":
+        cfg.slices.extend(parse_endpoints(doc, file))
+    else:
+        name = (doc.get("metadata") or {}).get("name", "?") if isinstance(doc.get("metadata"), dict) else "?"
+        cfg.notes.append(f"{file}: {kind} {name}: ignored (the engine routes Services, Pods, EndpointSlices and Endpoints)")
+
+
+def load(path, extra_files=()):
+    """Read the configuration file (and its manifests) into a Config."""
+    path = os.path.abspath(path)
+    cfg = Config(engine=EngineConfig(), services=[], pods=[], slices=[], path=path)
+    engine_docs = []
+    cfg.files.append(path)
+    for doc in _read_docs(path):
+        _objects(doc, path, cfg, engine_docs)
+    if len(engine_docs) > 1:
+        raise ConfigError(path, "", "more than one EngineConfiguration document")
+    if engine_docs:
+        cfg.engine = parse_engine(engine_docs[0], Source(path, "EngineConfiguration", "", engine_docs[0].get("metadata", {}).get("name", "engine") if isinstance(engine_docs[0].get("metadata"), dict) else "engine"))
+    files = []
+    for entry in cfg.engine.manifests:
+        files.extend(_manifest_files(os.path.dirname(path), entry, path))
+    files.extend(os.path.abspath(f) for f in extra_files)
+    for f in files:
+        if f == path:
+            continue
+        cfg.files.append(f)
+        inner = []
+        for doc in _read_docs(f):
+            _objects(doc, f, cfg, inner)
+        if inner:
+            raise ConfigError(f, "", "EngineConfiguration belongs in the main configuration file")
+    _check_duplicates(cfg)
+    return cfg
+
+
+def _check_duplicates(cfg):
+    seen = {}
+    for kind, objs in (("Service", cfg.services), ("Pod", cfg.pods)):
+        for o in objs:
+            key = (kind, o.namespace, o.name)
+            if key in seen:
+                raise ConfigError(o.source, "metadata.name", f"duplicate {kind} {o.namespace}/{o.name} (also in {seen[key].file})")
+            seen[key] = o.source

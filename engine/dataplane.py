@@ -1,0 +1,143 @@
+"""The running engine: owns the TUN, the fast-path worker and table swaps.
+
+  objects (Config) -> servicemap.build -> compiler.compile_tables
+                   -> Dataplane.swap (one atomic pointer swap)
+                   -> housekeeping (stale UDP flows, metrics)
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+import time
+
+from . import _fastpath, compiler, servicemap
+from .tun import Tun
+
+log = logging.getLogger("engine.dataplane")
+
+
+def timeouts_from(ct):
+    return {"ESTABLISHED": ct.tcp_established_timeout, "CLOSE_WAIT": ct.tcp_close_wait_timeout,
+            "UNREPLIED": ct.udp_timeout, "ASSURED": ct.udp_stream_timeout}
+
+
+class Engine:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        eng = cfg.engine
+        self.fp = _fastpath.Dataplane(int(ipaddress.IPv4Address(eng.masquerade_ip)),
+                                      max_flows=eng.conntrack.max,
+                                      timeouts=timeouts_from(eng.conntrack))
+        self.tun = None
+        self.smap = None
+        self.programmed = False
+        self.last_sync_wall = None
+        self.sync_seconds = 0.0
+        self.syncs = 0
+        self._stop = threading.Event()
+        self._worker = None
+
+    # -- setup and teardown ---------------------------------------------------
+
+    def start(self):
+        eng = self.cfg.engine
+        self.tun = Tun(eng.tun_name)
+        try:
+            self.tun.open()
+            self.tun.enable_forwarding()
+            self.sync(self.cfg)             # program before traffic is steered in
+            self.tun.add_route(eng.service_cidr)
+            self.tun.add_route(f"{eng.masquerade_ip}/32")
+            if eng.load_balancer_cidr:
+                self.tun.add_route(eng.load_balancer_cidr)
+        except Exception:
+            self.tun.close()
+            raise
+        self._worker = threading.Thread(target=self._run, name="fastpath", daemon=True)
+        self._worker.start()
+        self.programmed = True
+        log.info("dataplane up on %s: %d service rows", eng.tun_name, self.fp.current_tables.size)
+
+    def _run(self):
+        fd = self.tun.fileno()
+        run_io = self.fp.run_io
+        while not self._stop.is_set():
+            run_io(fd, 200)
+
+    def stop(self):
+        self._stop.set()
+        if self._worker:
+            self._worker.join(timeout=2)
+        if self.tun:
+            self.tun.close()
+        self.programmed = False
+
+    # -- sync -----------------------------------------------------------------
+
+    def sync(self, cfg):
+        """Build and swap in the tables for cfg; raises (and changes nothing)
+        when cfg is bad."""
+        t0 = time.perf_counter()
+        previous = self.smap.allocations() if self.smap else None
+        smap = servicemap.build(cfg, previous)
+        node_addrs = self.tun.node_addresses() if self.tun else []
+        tables = compiler.compile_tables(smap, cfg.engine, node_addrs=node_addrs)
+        self.fp.swap(tables)
+        old = self.smap
+        self.cfg, self.smap = cfg, smap
+        self._cleanup_stale_udp(old, smap)
+        self.sync_seconds = time.perf_counter() - t0
+        self.last_sync_wall = time.time()
+        self.syncs += 1
+        for w in smap.warnings:
+            log.warning("%s", w)
+        return smap
+
+    def _cleanup_stale_udp(self, old, new):
+        """kube-proxy's stale-UDP cleanup: flows to an endpoint that no longer
+        serves a UDP service port are removed so their clients move over."""
+        if old is None:
+            return
+        def serving(smap):
+            out = set()
+            for info in smap.services.values():
+                for pi in info.ports:
+                    if pi.port.protocol == "UDP":
+                        out.update((e.ip, e.port) for e in pi.usable)
+            return out
+        for ip, port in serving(old) - serving(new):
+            n = self.fp.delete_flows(17, int(ipaddress.IPv4Address(ip)), port)
+            if n:
+                log.info("removed %d stale UDP flows to %s:%d", n, ip, port)
+
+    # -- views ----------------------------------------------------------------
+
+    def metrics_text(self):
+        c = self.fp.counters()
+        lines = [
+            "# HELP engine_packets_total Packets read from the TUN.",
+            "# TYPE engine_packets_total counter",
+            f"engine_packets_total {c['rx_packets']}",
+            "# TYPE engine_bytes_total counter",
+            f"engine_bytes_total {c['rx_bytes']}",
+            "# TYPE engine_tx_packets_total counter",
+            f"engine_tx_packets_total {c['tx_packets']}",
+            "# HELP engine_drops_total Packets dropped, by reason.",
+            "# TYPE engine_drops_total counter",
+        ]
+        lines += [f'engine_drops_total{{reason="{r}"}} {n}' for r, n in c["drops_by_reason"].items()]
+        lines += [
+            "# TYPE engine_rejects_total counter",
+            f"engine_rejects_total {c['rejects']}",
+            "# TYPE engine_conntrack_entries gauge",
+            f"engine_conntrack_entries {c['flows']}",
+            "# TYPE engine_flows_created_total counter",
+            f"engine_flows_created_total {c['flows_created']}",
+            "# HELP kubeproxy_sync_proxy_rules_duration_seconds Last sync duration.",
+            "# TYPE kubeproxy_sync_proxy_rules_duration_seconds gauge",
+            f"kubeproxy_sync_proxy_rules_duration_seconds {self.sync_seconds:.6f}",
+            "# TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge",
+            f"kubeproxy_sync_proxy_rules_last_timestamp_seconds {self.last_sync_wall or 0:.3f}",
+        ]
+        return "\n".join(lines) + "\n"

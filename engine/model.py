@@ -1,0 +1,97 @@
+"""The objects the control plane works with, validated and typed.
+
+Kubernetes objects from the configuration become these; everything after
+config.py reads only these, never raw YAML.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+PROTOCOLS = {"TCP": 6, "UDP": 17}
+SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where an object came from, for error messages."""
+    file: str
+    kind: str
+    namespace: str
+    name: str
+
+    def __str__(self):
+        ns = f"{self.namespace}/" if self.namespace else ""
+        return f"{self.file}: {self.kind} {ns}{self.name}"
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    name: str
+    protocol: str                 # TCP | UDP
+    port: int
+    target_port: Union[int, str]  # number, or a container port name
+    node_port: Optional[int]      # requested; allocated later when None
+
+
+@dataclass
+class Service:
+    namespace: str
+    name: str
+    type: str
+    cluster_ip: Optional[str]     # None: allocate; "None": headless
+    selector: Optional[dict]
+    ports: list
+    external_name: Optional[str] = None
+    load_balancer_ip: Optional[str] = None
+    load_balancer_source_ranges: list = field(default_factory=list)
+    external_ips: list = field(default_factory=list)
+    session_affinity: str = "None"
+    affinity_timeout: int = 10800
+    annotations: dict = field(default_factory=dict)
+    publish_not_ready: bool = False
+    source: Optional[Source] = None
+
+    @property
+    def key(self):
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def headless(self):
+        return self.cluster_ip == "None"
+
+
+@dataclass
+class Pod:
+    namespace: str
+    name: str
+    labels: dict
+    ip: Optional[str]
+    ready: bool
+    terminating: bool
+    hostname: Optional[str]
+    container_ports: dict         # name -> (port, protocol)
+    source: Optional[Source] = None
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One backend address of one service port."""
+    ip: str
+    port: int
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    pod: Optional[str] = None     # pod name, or endpoint hostname
+    hostname: Optional[str] = None
+
+
+@dataclass
+class EndpointSlice:
+    """EndpointSlice, or legacy Endpoints converted to one."""
+    namespace: str
+    name: str
+    service_name: str
+    ports: list                   # [(name, port, protocol)]
+    endpoints: list               # [Endpoint] with port 0: ports come from .ports
+    source: Optional[Source] = None

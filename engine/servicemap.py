@@ -1,0 +1,248 @@
+"""Objects -> the service map: every Service with its addresses allocated and
+its endpoints resolved, per port. Pure policy; nothing here touches packets.
+
+Allocation is stable: an address or port is derived from a hash of the
+service's name (so restarts give the same answer) and `previous` keeps what a
+running engine already handed out.
+"""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .config import ConfigError
+from .model import Endpoint, Service, ServicePort
+
+
+@dataclass
+class PortInfo:
+    port: ServicePort
+    node_port: Optional[int]
+    endpoints: list            # every known endpoint (ready, serving, terminating)
+
+    @property
+    def usable(self):
+        """Endpoints that take new flows: ready ones, else serving-terminating
+        ones (kube-proxy's fallback since KEP-1669)."""
+        ready = [e for e in self.endpoints if e.ready]
+        return ready or [e for e in self.endpoints if e.serving and e.terminating]
+
+
+@dataclass
+class ServiceInfo:
+    svc: Service
+    cluster_ip: Optional[str]          # None for ExternalName, "None" for headless
+    ports: list                        # [PortInfo]
+    ingress_ip: Optional[str] = None   # LoadBalancer ingress; None: pending
+    warnings: list = field(default_factory=list)
+
+    @property
+    def key(self):
+        return self.svc.key
+
+    def port_name(self, pi):
+        return f"{self.svc.namespace}/{self.svc.name}" + (f":{pi.port.name}" if pi.port.name else "")
+
+
+@dataclass
+class ServiceMap:
+    services: dict                     # key -> ServiceInfo, sorted by key
+    warnings: list = field(default_factory=list)
+
+    def allocations(self):
+        """What to keep stable on the next build (see build(previous=))."""
+        out = {}
+        for k, s in self.services.items():
+            out[k] = {"cluster_ip": s.cluster_ip, "ingress_ip": s.ingress_ip,
+                      "node_ports": {(p.port.port, p.port.protocol): p.node_port for p in s.ports}}
+        return out
+
+
+def _hash(s):
+    return int.from_bytes(hashlib.sha256(s.encode()).digest()[:8], "big")
+
+
+def build(cfg, previous=None):
+    """Config -> ServiceMap. Raises ConfigError on conflicts."""
+    eng = cfg.engine
+    previous = previous or {}
+    cidr = ipaddress.IPv4Network(eng.service_cidr)
+    services = sorted(cfg.services, key=lambda s: s.key)
+    infos = {}
+    used_ips = {}
+    if eng.dns.cluster_ip:
+        used_ips[eng.dns.cluster_ip] = "the cluster DNS service (dns.clusterIP)"
+
+    # 1. explicit cluster IPs first: they win over allocation, conflicts are errors
+    for s in services:
+        info = ServiceInfo(svc=s, cluster_ip=None, ports=[])
+        infos[s.key] = info
+        if s.type == "ExternalName":
+            continue
+        if s.cluster_ip and s.cluster_ip != "None":
+            ip = ipaddress.IPv4Address(s.cluster_ip)
+            if ip not in cidr:
+                raise ConfigError(s.source, "spec.clusterIP", f"{ip} is not in serviceCIDR {cidr}")
+            if ip in (cidr.network_address, cidr.broadcast_address):
+                raise ConfigError(s.source, "spec.clusterIP", f"{ip} is the network or broadcast address of {cidr}")
+            if str(ip) in used_ips:
+                raise ConfigError(s.source, "spec.clusterIP", f"{ip} is already allocated to {used_ips[str(ip)]}")
+            used_ips[str(ip)] = f"service {s.key}"
+            info.cluster_ip = str(ip)
+        elif s.cluster_ip == "None":
+            info.cluster_ip = "None"
+    # 2. allocate the rest, keeping earlier allocations
+    hosts = cidr.num_addresses - 2
+    for s in services:
+        info = infos[s.key]
+        if s.type == "ExternalName" or info.cluster_ip:
+            continue
+        prev = (previous.get(s.key) or {}).get("cluster_ip")
+        if prev and prev != "None" and prev not in used_ips and ipaddress.IPv4Address(prev) in cidr:
+            ip = prev
+        else:
+            if hosts <= len(used_ips):
+                raise ConfigError(s.source, "spec.clusterIP", f"serviceCIDR {cidr} is full")
+            start = _hash(s.key) % hosts
+            for i in range(hosts):
+                ip = str(cidr.network_address + 1 + (start + i) % hosts)
+                if ip not in used_ips:
+                    break
+        used_ips[ip] = f"service {s.key}"
+        info.cluster_ip = ip
+
+    _node_ports(eng, services, infos, previous)
+    _ingress(eng, services, infos, previous, used_ips)
+    pods_by_ns = {}
+    for p in cfg.pods:
+        pods_by_ns.setdefault(p.namespace, []).append(p)
+    slices_by_svc = {}
+    for sl in cfg.slices:
+        slices_by_svc.setdefault((sl.namespace, sl.service_name), []).append(sl)
+    warnings = []
+    for s in services:
+        info = infos[s.key]
+        for pi in info.ports:
+            if s.selector is not None:
+                pi.endpoints = _selector_endpoints(s, pi.port, pods_by_ns.get(s.namespace, []))
+            else:
+                pi.endpoints = _slice_endpoints(pi.port, slices_by_svc.get((s.namespace, s.name), []))
+        if s.type != "ExternalName" and s.selector is not None and not any(
+                _matches(s.selector, p.labels) for p in pods_by_ns.get(s.namespace, [])):
+            info.warnings.append(f"selector {_fmt_sel(s.selector)} matches no pod")
+        warnings.extend(f"{s.source}: {w}" for w in info.warnings)
+    return ServiceMap(services=infos, warnings=warnings)
+
+
+def _node_ports(eng, services, infos, previous):
+    lo, hi = eng.node_port_range
+    used = {}
+    for s in services:
+        info = infos[s.key]
+        info.ports = [PortInfo(port=p, node_port=None, endpoints=[]) for p in s.ports]
+        if s.type not in ("NodePort", "LoadBalancer"):
+            continue
+        for i, pi in enumerate(info.ports):
+            np_ = pi.port.node_port
+            if np_ is None:
+                continue
+            if not lo <= np_ <= hi:
+                raise ConfigError(s.source, f"spec.ports[{i}].nodePort", f"{np_} is not in nodePortRange {lo}-{hi}")
+            k = (np_, pi.port.protocol)
+            if k in used:
+                raise ConfigError(s.source, f"spec.ports[{i}].nodePort", f"{np_}/{pi.port.protocol} is already allocated to {used[k]}")
+            used[k] = f"service {s.key}"
+            pi.node_port = np_
+    size = hi - lo + 1
+    for s in services:
+        if s.type not in ("NodePort", "LoadBalancer"):
+            continue
+        prev = (previous.get(s.key) or {}).get("node_ports", {})
+        for i, pi in enumerate(infos[s.key].ports):
+            if pi.node_port is not None:
+                continue
+            proto = pi.port.protocol
+            p = prev.get((pi.port.port, proto))
+            if not (p and lo <= p <= hi and (p, proto) not in used):
+                start = _hash(f"{s.key}:{pi.port.port}/{proto}") % size
+                for j in range(size):
+                    p = lo + (start + j) % size
+                    if (p, proto) not in used:
+                        break
+                else:
+                    raise ConfigError(s.source, f"spec.ports[{i}].nodePort", f"nodePortRange {lo}-{hi} is full")
+            used[(p, proto)] = f"service {s.key}"
+            pi.node_port = p
+
+
+def _ingress(eng, services, infos, previous, used_ips):
+    pool = ipaddress.IPv4Network(eng.load_balancer_cidr) if eng.load_balancer_cidr else None
+    taken = {}
+    for s in services:
+        if s.type == "LoadBalancer" and s.load_balancer_ip:
+            if s.load_balancer_ip in taken:
+                raise ConfigError(s.source, "spec.loadBalancerIP", f"{s.load_balancer_ip} is already used by {taken[s.load_balancer_ip]}")
+            if s.load_balancer_ip in used_ips:
+                raise ConfigError(s.source, "spec.loadBalancerIP", f"{s.load_balancer_ip} is a cluster IP of {used_ips[s.load_balancer_ip]}")
+            taken[s.load_balancer_ip] = f"service {s.key}"
+            infos[s.key].ingress_ip = s.load_balancer_ip
+    for s in services:
+        if s.type != "LoadBalancer" or s.load_balancer_ip:
+            continue
+        if pool is None:
+            infos[s.key].warnings.append("no loadBalancerCIDR: the ingress IP stays <pending>")
+            continue
+        prev = (previous.get(s.key) or {}).get("ingress_ip")
+        if prev and prev not in taken and ipaddress.IPv4Address(prev) in pool:
+            ip = prev
+        else:
+            ip = next((str(a) for a in pool.hosts() if str(a) not in taken), None) if pool.num_addresses > 1 \
+                else (str(pool.network_address) if str(pool.network_address) not in taken else None)
+            if ip is None:
+                infos[s.key].warnings.append(f"loadBalancerCIDR {pool} is exhausted: the ingress IP stays <pending>")
+                continue
+        taken[ip] = f"service {s.key}"
+        infos[s.key].ingress_ip = ip
+
+
+def _matches(selector, labels):
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def _fmt_sel(sel):
+    return ",".join(f"{k}={v}" for k, v in sorted(sel.items()))
+
+
+def _selector_endpoints(svc, sp, pods):
+    out = []
+    for p in sorted(pods, key=lambda p: p.name):
+        if not p.ip or not _matches(svc.selector, p.labels):
+            continue
+        if isinstance(sp.target_port, int):
+            port = sp.target_port
+        else:
+            cp = p.container_ports.get(sp.target_port)
+            if cp is None or cp[1] != sp.protocol:
+                continue      # this pod does not expose the named port
+            port = cp[0]
+        ready = (p.ready or svc.publish_not_ready) and not p.terminating
+        out.append(Endpoint(ip=p.ip, port=port, ready=ready, serving=p.ready or svc.publish_not_ready,
+                            terminating=p.terminating, pod=p.name, hostname=p.hostname))
+    return out
+
+
+def _slice_endpoints(sp, slices):
+    out, seen = [], set()
+    for sl in slices:
+        for name, port, proto in sl.ports:
+            if name != sp.name or proto != sp.protocol:
+                continue
+            for e in sl.endpoints:
+                if (e.ip, port) in seen:
+                    continue
+                seen.add((e.ip, port))
+                out.append(Endpoint(ip=e.ip, port=port, ready=e.ready, serving=e.serving,
+                                    terminating=e.terminating, pod=e.pod, hostname=e.hostname))
+    return out
