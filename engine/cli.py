@@ -118,7 +118,7 @@ def main(argv=None):
     c = sub.add_parser("check", help="validate a configuration and print the resolved table")
     c.add_argument("config")
     d = sub.add_parser("demo", help="play the seed walkthrough in a namespace lab")
-    d.add_argument("--requests", type=int, default=30)
+    d.add_argument("--requests", type=int, default=60)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

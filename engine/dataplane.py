@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import threading
 import time
 
@@ -28,6 +29,7 @@ class Engine:
         eng = cfg.engine
         self.fp = _fastpath.Dataplane(int(ipaddress.IPv4Address(eng.masquerade_ip)),
                                       max_flows=eng.conntrack.max,
+                                      seed=int.from_bytes(os.urandom(4), "little") or 1,
                                       timeouts=timeouts_from(eng.conntrack))
         self.tun = None
         self.smap = None

@@ -110,7 +110,7 @@ def test_process_batch_same():
     pkts = [bytes(p) for p in (tcp("S"), udp(), tcp("S", dst=VIP_NOEP), tcp("A", sport=9),
                                udp(dst=OUTSIDE))]
     dps = [dataplane(m, batch=8) for m in (_fastpath, refpath)]
-    assert [dp.process_batch(pkts, T0, repeat=3) for dp in dps] == [11, 11]  # 3 fwd + 1 reply, then 2 fwd + 1 reply twice
+    assert [dp.process_batch(pkts, T0, repeat=3) for dp in dps] == [9, 9]   # 2 forwarded + 1 reply, 3 times
     assert dps[0].counters() == dps[1].counters()
     assert dps[0].flows(T0) == dps[1].flows(T0)
     with pytest.raises(ValueError):
