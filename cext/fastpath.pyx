@@ -344,8 +344,10 @@ cdef class Dataplane:
         if sv == NULL and t.nnode and t.is_node_addr(k.daddr):
             sv = t.lookup(0, k.dport, proto)
         if sv == NULL:
-            if t.is_vip(k.daddr):
-                return self.reject(p, tot, outlen)   # live VIP, port not served
+            if t.is_vip(k.daddr) or (t.nnode and t.is_node_addr(k.daddr)):
+                # a live VIP on a port it does not serve, or a node address
+                # on a node port nobody has: refused, as the kernel would
+                return self.reject(p, tot, outlen)
             if k.daddr == self.masq:
                 return self.drop(R_SPOOFED)
             if t.in_drop_cidrs(k.daddr):

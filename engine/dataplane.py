@@ -83,9 +83,11 @@ class Engine:
         t0 = time.perf_counter()
         previous = self.smap.allocations() if self.smap else None
         smap = servicemap.build(cfg, previous)
-        node_addrs = self.tun.node_addresses() if self.tun else []
+        node_addrs = self.node_port_addresses(cfg.engine)
         tables = compiler.compile_tables(smap, cfg.engine, node_addrs=node_addrs)
         self.fp.swap(tables)
+        if self.tun:
+            self._steer(cfg.engine, smap, node_addrs)
         old = self.smap
         self.cfg, self.smap = cfg, smap
         self._cleanup_stale_udp(old, smap)
@@ -95,6 +97,33 @@ class Engine:
         for w in smap.warnings:
             log.warning("%s", w)
         return smap
+
+    def node_port_addresses(self, eng):
+        """Node addresses on which node ports answer: every address of the
+        node (but loopback and the TUN's), or those within nodePortAddresses."""
+        if not self.tun:
+            return []
+        addrs = self.tun.node_addresses()
+        if eng.node_port_addresses:
+            nets = [ipaddress.IPv4Network(c) for c in eng.node_port_addresses]
+            addrs = [a for a in addrs if any(ipaddress.IPv4Address(a) in n for n in nets)]
+        return addrs
+
+    def _steer(self, eng, smap, node_addrs):
+        """Routes and rules that bring this table's traffic into the TUN."""
+        if any(pi.node_port for info in smap.services.values() for pi in info.ports):
+            self.tun.steer_node_ports(node_addrs, eng.node_port_range)
+        routed = [ipaddress.IPv4Network(eng.service_cidr)]
+        if eng.load_balancer_cidr:
+            routed.append(ipaddress.IPv4Network(eng.load_balancer_cidr))
+        extra = set()
+        for info in smap.services.values():
+            if info.svc.type == "ExternalName":
+                continue
+            for ip in ([info.ingress_ip] if info.ingress_ip else []) + list(info.svc.external_ips):
+                if not any(ipaddress.IPv4Address(ip) in n for n in routed):
+                    extra.add(f"{ip}/32")
+        self.tun.set_routes(extra)
 
     def _cleanup_stale_udp(self, old, new):
         """kube-proxy's stale-UDP cleanup: flows to an endpoint that no longer

@@ -559,7 +559,9 @@ class EngineProc:
                 raise LabError("engine exited (rc=%s):\n%s" % (self.proc.returncode, self.log()))
             r = lab.run(lab.node_ns, ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
                                       "-m", "1", "http://%s/healthz" % healthz])
-            if r.stdout == "200" and self.proc.poll() is None:
+            # healthz from *this* engine: another may hold the port
+            if r.stdout == "200" and self.proc.poll() is None and \
+                    ("engine running (pid %d)" % self.proc.pid) in self.log():
                 break
             if time.monotonic() > deadline:
                 self.stop()

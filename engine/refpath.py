@@ -522,8 +522,8 @@ class Dataplane:
         if sv is None and t.is_node_addr(daddr):
             sv = t.lookup(0, dport, proto)
         if sv is None:
-            if t.is_vip(daddr):
-                return self._reject(p, tot)     # live VIP, port not served
+            if t.is_vip(daddr) or t.is_node_addr(daddr):
+                return self._reject(p, tot)     # live VIP / node address, port not served
             if daddr == self.masq:
                 return self._drop("spoofed")
             if t.in_drop_cidrs(daddr):

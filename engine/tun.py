@@ -16,6 +16,11 @@ from pytun import IFF_NO_PI, IFF_TUN, TunTapDevice
 log = logging.getLogger("engine.tun")
 
 TXQUEUELEN = 10000      # the kernel->user ring; the default 500 tail-drops bursts
+LOCAL_TABLE = 255
+NODEPORT_TABLE = 2004   # holds one route: default dev <tun>
+PRIO_FROM_TUN = 90      # iif <tun> lookup local: what the engine writes is never steered again
+PRIO_NODEPORT = 91      # to <node addr> ipproto tcp|udp dport <range> lookup NODEPORT_TABLE
+PRIO_LOCAL = 100        # where the kernel's priority-0 local rule moves (as Cilium does)
 
 
 def _write_sysctl(path, value):
@@ -44,8 +49,11 @@ class Tun:
         fcntl.fcntl(self.dev.fileno(), fcntl.F_SETFL, fl | os.O_NONBLOCK)
         self.index = self.ipr.link_lookup(ifname=self.name)[0]
         self.ipr.link("set", index=self.index, txqlen=TXQUEUELEN)
+        # accept_local: un-NATed replies of node-port flows come out of the TUN
+        # with a node address as their source
         for path, value in ((f"/proc/sys/net/ipv6/conf/{self.name}/disable_ipv6", 1),
-                            (f"/proc/sys/net/ipv4/conf/{self.name}/rp_filter", 0)):
+                            (f"/proc/sys/net/ipv4/conf/{self.name}/rp_filter", 0),
+                            (f"/proc/sys/net/ipv4/conf/{self.name}/accept_local", 1)):
             try:
                 _write_sysctl(path, value)
             except OSError:
@@ -77,6 +85,86 @@ class Tun:
     def _del_route(self, cidr):
         try:
             self.ipr.route("del", dst=cidr, oif=self.index)
+        except NetlinkError:
+            pass
+
+    def set_routes(self, cidrs):
+        """Keep exactly these extra routes into the TUN (LoadBalancer and
+        external IPs outside the routed ranges); diff against the last call."""
+        want = set(cidrs)
+        have = getattr(self, "_extra_routes", set())
+        for c in have - want:
+            self._del_route(c)
+        for c in sorted(want - have):
+            try:
+                self.ipr.route("replace", dst=c, oif=self.index)
+            except NetlinkError as e:
+                log.warning("route %s: %s", c, e)
+        self._extra_routes = want
+        if not getattr(self, "_extra_undo", False):
+            self._extra_undo = True
+            self._undo.append(lambda: [self._del_route(c) for c in self._extra_routes])
+
+    def steer_node_ports(self, addresses, port_range):
+        """Policy routing for node ports, no netfilter: packets to a node
+        address on a port in port_range go to NODEPORT_TABLE, whose only
+        route leads into the TUN. The local rule moves from priority 0 to
+        PRIO_LOCAL so that ours can come first."""
+        lo, hi = port_range
+        if not getattr(self, "_np_setup", False):
+            self._np_setup = True
+            self._np_rules = set()
+            self.ipr.route("replace", dst="0.0.0.0/0", oif=self.index, table=NODEPORT_TABLE)
+            self._undo.append(lambda: self._quiet(self.ipr.route, "del", dst="0.0.0.0/0", oif=self.index,
+                                                  table=NODEPORT_TABLE))
+            self.ipr.rule("add", priority=PRIO_FROM_TUN, iifname=self.name, table=LOCAL_TABLE)
+            self._undo.append(lambda: self._quiet(self.ipr.rule, "del", priority=PRIO_FROM_TUN,
+                                                  iifname=self.name, table=LOCAL_TABLE))
+            if not self._has_rule(PRIO_LOCAL, LOCAL_TABLE):
+                self.ipr.rule("add", priority=PRIO_LOCAL, table=LOCAL_TABLE)
+                self._undo.append(lambda: self._quiet(self.ipr.rule, "del", priority=PRIO_LOCAL,
+                                                      table=LOCAL_TABLE))
+            if self._has_rule(0, LOCAL_TABLE):
+                self.ipr.rule("del", priority=0, table=LOCAL_TABLE)
+                # restore before PRIO_LOCAL goes (undo runs in reverse)
+                self._undo.append(lambda: self._quiet(self.ipr.rule, "add", priority=0, table=LOCAL_TABLE))
+            self._reserve_ports(lo, hi)
+            self._undo.append(lambda: [self._del_np_rule(r) for r in list(self._np_rules)])
+        want = {(a, proto, lo, hi) for a in addresses for proto in (6, 17)}
+        for r in self._np_rules - want:
+            self._del_np_rule(r)
+        for r in sorted(want - self._np_rules):
+            a, proto, lo_, hi_ = r
+            self.ipr.rule("add", priority=PRIO_NODEPORT, dst=a, dst_len=32, ip_proto=proto,
+                          dport_range=f"{lo_}:{hi_}", table=NODEPORT_TABLE)
+            self._np_rules.add(r)
+
+    def _del_np_rule(self, r):
+        a, proto, lo, hi = r
+        self._quiet(self.ipr.rule, "del", priority=PRIO_NODEPORT, dst=a, dst_len=32, ip_proto=proto,
+                    dport_range=f"{lo}:{hi}", table=NODEPORT_TABLE)
+        self._np_rules.discard(r)
+
+    def _has_rule(self, prio, table):
+        return any(r.get_attr("FRA_PRIORITY", 0) == prio and r.get_attr("FRA_TABLE") == table
+                   and not r.get_attr("FRA_IIFNAME") and not r.get_attr("FRA_DST")
+                   for r in self.ipr.get_rules(family=2))
+
+    def _reserve_ports(self, lo, hi):
+        """Keep the node's own ephemeral ports out of the node-port range
+        (ip_local_reserved_ports, as Cilium does)."""
+        path = "/proc/sys/net/ipv4/ip_local_reserved_ports"
+        try:
+            old = _read_sysctl(path)
+            _write_sysctl(path, ",".join(x for x in (old, f"{lo}-{hi}") if x))
+            self._undo.append(lambda: _write_sysctl(path, old))
+        except OSError as e:
+            log.warning("cannot reserve node ports: %s", e)
+
+    @staticmethod
+    def _quiet(fn, *a, **kw):
+        try:
+            fn(*a, **kw)
         except NetlinkError:
             pass
 

@@ -1,5 +1,9 @@
 """Engine lifecycle: what `engine run` adds it removes again."""
+import re
+
 from test_clusterip import ENGINE, seed
+
+NODE = "192.168.50.1"
 
 
 def test_sigterm_removes_tun_routes(lab):
@@ -14,3 +18,16 @@ def test_sigterm_removes_tun_routes(lab):
     routes = lab.run(lab.node_ns, ["ip", "route"]).stdout
     assert "kube-tun9" not in routes and "10.96.0.0/12" not in routes and "169.254.100.1" not in routes
     assert "engine stopped" in eng.log()
+
+
+def test_rules_are_removed_on_exit(lab):
+    text = "---\n".join([ENGINE + "tunName: kube-tun8\n", seed("nodeport-exam.yaml")]) + lab.pod_manifests()
+    before = lab.run(lab.node_ns, ["ip", "rule"]).stdout
+    eng = lab.start_engine(text, healthz="127.0.0.1:10256")
+    during = lab.run(lab.node_ns, ["ip", "rule"]).stdout
+    assert re.search(r"to 192\.168\.50\.1 ipproto tcp dport 30000-32767 lookup 2004", during), during
+    assert lab.run(lab.client_ns, ["curl", "-s", "-m", "5", f"http://{NODE}:30200/"]).returncode == 0
+    assert eng.stop() == 0
+    after = lab.run(lab.node_ns, ["ip", "rule"]).stdout
+    assert after == before
+    assert "2004" not in lab.run(lab.node_ns, ["ip", "route", "show", "table", "all"]).stdout

@@ -466,13 +466,14 @@ FIXTURES = [
         drop(tcp("S", src="10.0.1.1", dst=LB_IP), "source_denied",
              after=counters_are(source_denied=2, flows=1)),
     ]),
-    Fixture("node_port", "a node-port key (vip 0) matches on node addresses only", [
+    Fixture("node_port", "a node-port key (vip 0) matches on node addresses only; other node ports are refused", [
         Step(tcp("S", dst=NODE, dport=30080), save="syn", check=FWD_TO_BACKEND),
         Step(reply_to("syn", "SA"), check=fields(src=NODE, sport=30080, dst=CLIENT, dport=40001)),
         drop(tcp("S", dst=NOT_NODE, dport=30080), "no_service"),
         drop(tcp("S", dst="0.0.0.0", dport=30080), "no_service"),
-        drop(tcp("S", dst=NODE, dport=30081), "no_service"),
-        drop(udp(dst=NODE, dport=30080), "no_service"),
+        # a node address on a port no service has: refused, as the kernel would
+        reject(tcp("S", dst=NODE, dport=30081)),
+        reject(udp(dst=NODE, dport=30080)),
     ]),
     Fixture("hairpin", "a backend that is its own client reaches itself through the masquerade IP", [
         Step(tcp("S", src=BACKENDS[0], dst=VIP_ONE, sport=45000), save="syn",
