@@ -14,7 +14,7 @@ Python sees only batch counts and counters; tables are swapped whole.
 """
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, calloc, free
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 from posix.unistd cimport read, write
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock,
@@ -41,6 +41,7 @@ cdef extern from "<poll.h>" nogil:
 include "csum.pxi"
 include "tables.pxi"
 include "conntrack.pxi"
+include "io.pxi"
 
 # Verdicts
 cdef enum:
@@ -97,6 +98,7 @@ DEFAULT_TIMEOUTS = {
 
 cdef enum:
     SLOT_SIZE = 65536           # one IPv4 datagram at most
+    IO_SLOT = 65536 + 16        # ... plus a virtio-net header
     ICMP_QUOTE_MAX = 548        # RFC 1812: error messages stay within 576 bytes
     PORT_TRIES = 512            # bounded search for a free SNAT port
 
@@ -112,7 +114,11 @@ cdef inline uint32_t xorshift32(uint32_t *s) noexcept nogil:
 
 cdef inline void nat_rewrite(uint8_t *p, uint8_t *l4, uint8_t proto,
                              uint32_t nsrc, uint16_t nsport,
-                             uint32_t ndst, uint16_t ndport) noexcept nogil:
+                             uint32_t ndst, uint16_t ndport, bint partial) noexcept nogil:
+    # partial: the packet came with VIRTIO_NET_HDR_F_NEEDS_CSUM, so the L4
+    # checksum field holds the folded pseudo-header sum, not complemented:
+    # adjust it for the addresses only (ports are summed later by whoever
+    # completes the checksum). The IPv4 header checksum is always updated.
     cdef uint32_t osrc = ld32(p + IP_SRC), odst = ld32(p + IP_DST)
     cdef uint16_t osport = ld16(l4 + L4_SPORT), odport = ld16(l4 + L4_DPORT)
     cdef uint16_t c = ld16(p + IP_CSUM)
@@ -123,7 +129,11 @@ cdef inline void nat_rewrite(uint8_t *p, uint8_t *l4, uint8_t proto,
     st32(p + IP_SRC, nsrc)
     st32(p + IP_DST, ndst)
     c = ld16(l4 + off)
-    if not (proto == PROTO_UDP and c == 0):     # UDP checksum 0: none, keep it so
+    if partial:
+        c = <uint16_t>~csum_replace4(<uint16_t>~c, osrc, nsrc)
+        c = <uint16_t>~csum_replace4(<uint16_t>~c, odst, ndst)
+        st16(l4 + off, c)
+    elif not (proto == PROTO_UDP and c == 0):   # UDP checksum 0: none, keep it so
         c = csum_replace4(c, osrc, nsrc)
         c = csum_replace4(c, odst, ndst)
         c = csum_replace2(c, osport, nsport)
@@ -203,6 +213,8 @@ cdef class Dataplane:
     cdef Py_ssize_t *lens
     cdef uint8_t *verdicts
     cdef int batch
+    cdef object _io0
+    cdef list _workers             # IOWorkers, for their tx counters
 
     def __cinit__(self):
         self.bufs = NULL
@@ -232,6 +244,8 @@ cdef class Dataplane:
         if not self.bufs or not self.lens or not self.verdicts or not self.lock:
             raise MemoryError()
         self.set_timeouts(timeouts or {})
+        self._workers = []
+        self._io0 = None
         self.tables = tables if tables is not None else Tables([])
 
     def __dealloc__(self):
@@ -263,7 +277,7 @@ cdef class Dataplane:
     # -- the packet path ---------------------------------------------------
 
     cdef int process_one(self, Tables t, uint8_t *p, Py_ssize_t n, uint32_t now,
-                         Py_ssize_t *outlen) noexcept nogil:
+                         Py_ssize_t *outlen, bint partial) noexcept nogil:
         """Returns verdict | reason << 8; on V_FORWARD/V_REPLY, *outlen is set."""
         cdef Py_ssize_t ihl, tot, l4len, doff
         cdef uint8_t *l4
@@ -329,7 +343,7 @@ cdef class Dataplane:
         if ref >= 0:
             dir = ref & 1
             other = &e.key[1 - dir]
-            nat_rewrite(p, l4, proto, other.daddr, other.dport, other.saddr, other.sport)
+            nat_rewrite(p, l4, proto, other.daddr, other.dport, other.saddr, other.sport, partial)
             if proto == PROTO_TCP:
                 e.state = tcp_next_state(e.state, &e.flags, dir, th)
             elif dir == DIR_REPLY:
@@ -390,7 +404,7 @@ cdef class Dataplane:
         ct_index_add(&self.ct, <uint32_t>(id * 2))
         ct_index_add(&self.ct, <uint32_t>(id * 2 + 1))
         self.cnt[C_FLOWS_CREATED] += 1
-        nat_rewrite(p, l4, proto, rk.daddr, rk.dport, rk.saddr, rk.sport)
+        nat_rewrite(p, l4, proto, rk.daddr, rk.dport, rk.saddr, rk.sport, partial)
         outlen[0] = tot
         return V_FORWARD
 
@@ -407,48 +421,14 @@ cdef class Dataplane:
     # -- I/O ---------------------------------------------------------------
 
     def run_io(self, int fd, int timeout_ms=100):
-        """One batch: wait for the TUN fd, read, process, write back.
-        Returns the number of packets read."""
-        cdef Tables t = self.tables      # this generation for the whole batch
-        cdef pollfd pfd
-        cdef int n = 0, i, r, v
-        cdef Py_ssize_t got, outlen
-        cdef timespec ts
-        cdef uint32_t now
-        cdef uint8_t *slot
-        pfd.fd = fd
-        pfd.events = POLLIN
-        with nogil:
-            r = poll(&pfd, 1, timeout_ms)
-            if r > 0:
-                while n < self.batch:
-                    got = read(fd, self.bufs + <size_t>n * SLOT_SIZE, SLOT_SIZE)
-                    if got <= 0:
-                        break
-                    self.lens[n] = got
-                    n += 1
-            clock_gettime(CLOCK_MONOTONIC, &ts)
-            now = <uint32_t>ts.tv_sec
-            PyThread_acquire_lock(self.lock, WAIT_LOCK)
-            for i in range(n):
-                slot = self.bufs + <size_t>i * SLOT_SIZE
-                outlen = 0
-                v = self.process_one(t, slot, self.lens[i], now, &outlen) & 0xff
-                self.verdicts[i] = v
-                self.lens[i] = outlen
-            ct_sweep(&self.ct, now, 64)
-            PyThread_release_lock(self.lock)
-            for i in range(n):
-                if self.verdicts[i] != V_DROP:
-                    if write(fd, self.bufs + <size_t>i * SLOT_SIZE, self.lens[i]) == self.lens[i]:
-                        self.cnt[C_TX_PACKETS] += 1
-                        self.cnt[C_TX_BYTES] += self.lens[i]
-                    else:
-                        self.cnt[C_WRITE_ERRORS] += 1
-        return n
+        """One batch on fd with the first worker's buffers (single queue)."""
+        if self._io0 is None:
+            self._io0 = IOWorker(self, vnet=False)
+        return self._io0.run(fd, timeout_ms)
 
-    def process(self, const uint8_t[:] pkt, double now):
-        """In-memory path for tests: returns (verdict, reason, out bytes|None)."""
+    def process(self, const uint8_t[:] pkt, double now, bint partial=False):
+        """In-memory path for tests: returns (verdict, reason, out bytes|None).
+        partial: treat the L4 checksum as CHECKSUM_PARTIAL (vnet NEEDS_CSUM)."""
         cdef Py_ssize_t n = pkt.shape[0], outlen = 0
         cdef int r
         if n > SLOT_SIZE:
@@ -457,7 +437,7 @@ cdef class Dataplane:
             memcpy(self.bufs, &pkt[0], n)
         with nogil:
             PyThread_acquire_lock(self.lock, WAIT_LOCK)
-            r = self.process_one(self.tables, self.bufs, n, <uint32_t>now, &outlen)
+            r = self.process_one(self.tables, self.bufs, n, <uint32_t>now, &outlen, partial)
             PyThread_release_lock(self.lock)
         verdict = r & 0xff
         out = PyBytes_FromStringAndSize(<char *>self.bufs, outlen) if verdict != V_DROP else None
@@ -482,7 +462,7 @@ cdef class Dataplane:
             for rep in range(repeat):
                 for i in range(npk):
                     memcpy(self.bufs + <size_t>i * SLOT_SIZE, src + <size_t>i * SLOT_SIZE, srclen[i])
-                    if self.process_one(t, self.bufs + <size_t>i * SLOT_SIZE, srclen[i], tnow, &outlen) & 0xff:
+                    if self.process_one(t, self.bufs + <size_t>i * SLOT_SIZE, srclen[i], tnow, &outlen, False) & 0xff:
                         fwd += 1
             PyThread_release_lock(self.lock)
         free(src)
@@ -493,6 +473,11 @@ cdef class Dataplane:
 
     def counters(self):
         out = {name: self.cnt[i] for i, name in enumerate(COUNTERS)}
+        for w in self._workers:
+            tx = (<IOWorker>w).tx
+            out["tx_packets"] += tx[0]
+            out["tx_bytes"] += tx[1]
+            out["write_errors"] += tx[2]
         out["drops_by_reason"] = {DROP_REASONS[r]: self.cnt[C_DROP_BASE + r]
                                   for r in range(1, R_NREASONS)}
         out["flows"] = self.ct.count

@@ -38,7 +38,8 @@ class Engine:
         self.sync_seconds = 0.0
         self.syncs = 0
         self._stop = threading.Event()
-        self._worker = None
+        self._workers = []
+        self.queues = max(1, min(2, os.cpu_count() or 1))   # one nogil worker per core
 
     # -- setup and teardown ---------------------------------------------------
 
@@ -46,7 +47,7 @@ class Engine:
         eng = self.cfg.engine
         self.tun = Tun(eng.tun_name)
         try:
-            self.tun.open()
+            self.tun.open(queues=self.queues, vnet=True)
             self.tun.enable_forwarding()
             self.sync(self.cfg)             # program before traffic is steered in
             self.tun.add_route(eng.service_cidr)
@@ -56,21 +57,26 @@ class Engine:
         except Exception:
             self.tun.close()
             raise
-        self._worker = threading.Thread(target=self._run, name="fastpath", daemon=True)
-        self._worker.start()
+        for q in range(self.queues):
+            io = _fastpath.IOWorker(self.fp, vnet=self.tun.vnet)
+            th = threading.Thread(target=self._run, args=(io, self.tun.fileno(q)),
+                                  name=f"fastpath-{q}", daemon=True)
+            th.start()
+            self._workers.append(th)
         self.programmed = True
-        log.info("dataplane up on %s: %d service rows", eng.tun_name, self.fp.current_tables.size)
+        log.info("dataplane up on %s: %d queues, %d service rows", eng.tun_name, self.queues,
+                 self.fp.current_tables.size)
 
-    def _run(self):
-        fd = self.tun.fileno()
-        run_io = self.fp.run_io
-        while not self._stop.is_set():
-            run_io(fd, 200)
+    def _run(self, io, fd):
+        run = io.run
+        stop = self._stop.is_set
+        while not stop():
+            run(fd, 200)
 
     def stop(self):
         self._stop.set()
-        if self._worker:
-            self._worker.join(timeout=2)
+        for th in self._workers:
+            th.join(timeout=2)
         if self.tun:
             self.tun.close()
         self.programmed = False

@@ -1,0 +1,709 @@
+"""Cluster DNS: the Kubernetes DNS specification, answered from the service map.
+
+ClusterZone is pure: built from a ServiceMap and a DNSConfig, it answers one
+parsed query (no sockets), or returns None for "forward this upstream".
+DNSServer owns the sockets (UDP + TCP), the upstream forwarding and the
+counters; update(smap) swaps a freshly built ClusterZone in with one attribute
+assignment, so queries in flight keep the zone they started with.
+
+Names (as CoreDNS's kubernetes plugin, `pods insecure`):
+  svc.ns.svc.<domain>                      A: cluster IP; headless: one A per ready endpoint
+  <hostname|a-b-c-d>.svc.ns.svc.<domain>   A: that endpoint (headless only)
+  _port._proto.svc.ns.svc.<domain>         SRV per named port (+ A in additional)
+  svc.ns.svc.<domain> (ExternalName)       CNAME externalName, then the target's records
+  a-b-c-d.ns.pod.<domain>                  A a.b.c.d
+  d.c.b.a.in-addr.arpa                     PTR for cluster IPs and headless endpoints
+  dns-version.<domain>                     TXT "1.1.0"
+Unknown names under the domain: NXDOMAIN; existing names without the type:
+NODATA (NOERROR + SOA). Everything else is forwarded.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import ipaddress
+import logging
+import re
+import socket
+import struct
+import threading
+import time
+
+import dns.exception
+import dns.entropy
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
+import dns.query
+import dns.rcode
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+import dns.rdtypes.ANY.CNAME
+import dns.rdtypes.ANY.NS
+import dns.rdtypes.ANY.PTR
+import dns.rdtypes.ANY.SOA
+import dns.rdtypes.ANY.TXT
+import dns.rdtypes.IN.A
+import dns.rdtypes.IN.SRV
+
+log = logging.getLogger("engine.dns")
+
+IN = dns.rdataclass.IN
+A, AAAA, CNAME, PTR, SRV, SOA, NS, TXT, ANY = (
+    dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.CNAME, dns.rdatatype.PTR,
+    dns.rdatatype.SRV, dns.rdatatype.SOA, dns.rdatatype.NS, dns.rdatatype.TXT,
+    dns.rdatatype.ANY)
+NO_QUESTION_TYPES = {dns.rdatatype.OPT, dns.rdatatype.TSIG, dns.rdatatype.TKEY}
+TRANSFER_TYPES = {dns.rdatatype.AXFR, dns.rdatatype.IXFR}
+
+MAX_CHAIN = 8                 # CNAME links followed for ExternalName chains
+DNS_VERSION = "1.1.0"         # kubernetes/dns specification version
+OUR_PAYLOAD = 1232            # EDNS payload we advertise (DNS flag day 2020)
+UDP_MIN = 512                 # RFC 1035 UDP limit without EDNS
+FORWARD_BUDGET = 2.0          # seconds for all upstream attempts of one query
+TCP_IDLE = 10.0               # seconds a TCP client may stay silent
+TCP_MAX_CONNS = 256           # concurrent TCP clients; more are closed at once
+UDP_WORKERS = 32              # threads answering UDP queries
+UDP_MAX_PENDING = 2048        # queued UDP queries beyond this are dropped
+HOSTNAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def _key(name):
+    """Lookup key of a dns.name.Name: lowercase absolute text."""
+    return name.to_text().lower()
+
+
+def _dashed(ip):
+    return ip.replace(".", "-")
+
+
+def _undashed(label):
+    """'10-244-1-2' -> '10.244.1.2', or None."""
+    parts = label.split("-")
+    if len(parts) != 4 or not all(p.isdigit() and len(p) <= 3 and int(p) <= 255 for p in parts):
+        return None
+    return ".".join(str(int(p)) for p in parts)
+
+
+def _reverse_key(ip):
+    return ".".join(reversed(ip.split("."))) + ".in-addr.arpa."
+
+
+def udp_limit(query):
+    """Largest UDP response the client takes: 512, or its EDNS payload size."""
+    if query is not None and query.edns >= 0:
+        return max(UDP_MIN, min(query.payload, 65535))
+    return UDP_MIN
+
+
+def to_wire_limited(resp, limit):
+    """Render resp in at most `limit` bytes: (wire, truncated). When it does
+    not fit, keep as many answer records as fit, drop the other sections
+    (EDNS stays) and set TC, as CoreDNS does."""
+    try:
+        return resp.to_wire(max_size=limit), False
+    except dns.exception.TooBig:
+        pass
+    recs = [(rr.name, rr.rdclass, rr.rdtype, rr.ttl, rd) for rr in resp.answer for rd in rr]
+
+    def build(k):
+        t = dns.message.Message(id=resp.id)
+        t.flags = resp.flags | dns.flags.TC
+        t.question = list(resp.question)
+        if resp.edns >= 0:
+            t.use_edns(resp.edns, resp.ednsflags, resp.payload, options=resp.options)
+        t.set_rcode(resp.rcode())
+        for name, rdclass, rdtype, ttl, rd in recs[:k]:
+            rrset = t.find_rrset(t.answer, name, rdclass, rdtype, create=True)
+            rrset.add(rd, ttl)
+        return t
+
+    lo, hi = 0, len(recs)          # invariant: lo fits (header + question always fit in 512)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        try:
+            build(mid).to_wire(max_size=limit)
+            lo = mid
+        except dns.exception.TooBig:
+            hi = mid - 1
+    try:
+        return build(lo).to_wire(max_size=limit), True
+    except dns.exception.TooBig:      # a question too long for the limit: header only
+        t = build(0)
+        t.question = []
+        return t.to_wire(), True
+
+
+def error_from_header(wire, rcode):
+    """A bare response (no sections) built from the first 12 bytes of a query
+    that dnspython could not parse; None when even the header is missing or
+    the packet is itself a response."""
+    if len(wire) < 12:
+        return None
+    qid, flags = struct.unpack("!HH", wire[:4])
+    if flags & dns.flags.QR:
+        return None
+    flags = dns.flags.QR | (flags & (0x7800 | dns.flags.RD)) | (rcode & 0xF)   # keep opcode and RD
+    return struct.pack("!HHHHHH", qid, flags, 0, 0, 0, 0)
+
+
+def _response(query, rcode=dns.rcode.NOERROR, aa=False, ra=True):
+    r = dns.message.make_response(query, recursion_available=ra, our_payload=OUR_PAYLOAD)
+    if aa:
+        r.flags |= dns.flags.AA
+    r.set_rcode(rcode)
+    return r
+
+
+class ClusterZone:
+    """The cluster domain (and the reverse names of cluster IPs) built from a
+    ServiceMap, as dicts keyed by lowercase absolute name.
+
+    resolver(name, rdtype) -> [RRset] | None looks a name up outside the zone
+    (the server's upstream); it is used to complete ExternalName answers.
+    pods=True answers a-b-c-d.<ns>.pod.<domain> (CoreDNS `pods insecure`).
+    """
+
+    def __init__(self, smap, cfg, resolver=None, pods=True, serial=None):
+        self.cfg = cfg
+        self.ttl = int(cfg.ttl)
+        self.origin = dns.name.from_text(cfg.domain.strip(".").lower() or "cluster.local")
+        self.resolver = resolver
+        self.pods = pods
+        self.serial = int(time.time() if serial is None else serial) & 0xFFFFFFFF
+        self.records = {}      # key -> {rdtype: [rdata]}, names inside the zone
+        self.cnames = {}       # key -> dns.name.Name, ExternalName services
+        self.names = set()     # keys of every name that exists (with records or empty non-terminals)
+        self.ptr = {}          # reverse key -> [rdata PTR], cluster IPs and headless endpoints
+        self._origin_key = _key(self.origin)
+        o = self.origin
+        self.soa_rdata = dns.rdtypes.ANY.SOA.SOA(
+            IN, SOA, dns.name.from_text("ns.dns", o), dns.name.from_text("hostmaster", o),
+            self.serial, 7200, 1800, 86400, self.ttl)
+        ns_name = dns.name.from_text("ns.dns", o)
+        self._add(o, SOA, self.soa_rdata)
+        self._add(o, NS, dns.rdtypes.ANY.NS.NS(IN, NS, ns_name))
+        if cfg.cluster_ip:
+            self._add(ns_name, A, dns.rdtypes.IN.A.A(IN, A, cfg.cluster_ip))
+        self._add(dns.name.from_text("dns-version", o), TXT, dns.rdtypes.ANY.TXT.TXT(IN, TXT, [DNS_VERSION]))
+        self._exist(dns.name.from_text("svc", o))
+        if pods:
+            self._exist(dns.name.from_text("pod", o))
+        for info in smap.services.values():
+            self._add_service(info)
+
+    # -- building ----------------------------------------------------------
+
+    def _exist(self, name):
+        """Mark name and its ancestors down to the origin as existing."""
+        while True:
+            k = _key(name)
+            if k in self.names:
+                return
+            self.names.add(k)
+            if k == self._origin_key or name == dns.name.root:
+                return
+            name = name.parent()
+
+    def _add(self, name, rdtype, rdata):
+        self.records.setdefault(_key(name), {}).setdefault(rdtype, []).append(rdata)
+        self._exist(name)
+
+    def _add_ptr(self, ip, target):
+        rds = self.ptr.setdefault(_reverse_key(ip), [])
+        if not any(rd.target == target for rd in rds):
+            rds.append(dns.rdtypes.ANY.PTR.PTR(IN, PTR, target))
+
+    def _add_service(self, info):
+        s = info.svc
+        ns_name = dns.name.from_text(f"{s.namespace}.svc", self.origin)
+        self._exist(ns_name)         # the namespace exists once it holds a service
+        name = dns.name.Name((s.name.lower().encode(),) + ns_name.labels)
+        if s.type == "ExternalName":
+            if s.external_name:
+                self.cnames[_key(name)] = dns.name.from_text(s.external_name.rstrip("."))
+                self._exist(name)
+            return
+        if not info.cluster_ip:
+            return
+        if info.cluster_ip != "None":
+            self._add(name, A, dns.rdtypes.IN.A.A(IN, A, info.cluster_ip))
+            self._add_ptr(info.cluster_ip, name)
+            srvs = []
+            for pi in info.ports:
+                proto = pi.port.protocol.lower()
+                srvs.append(pi.port.port)
+                if pi.port.name:
+                    pname = dns.name.Name((f"_{pi.port.name}".lower().encode(), f"_{proto}".encode()) + name.labels)
+                    self._add(pname, SRV, dns.rdtypes.IN.SRV.SRV(IN, SRV, 0, 100, pi.port.port, name))
+            for port in srvs:      # SRV at the service name: every port (CoreDNS)
+                self._add(name, SRV, dns.rdtypes.IN.SRV.SRV(IN, SRV, 0, max(1, 100 // len(srvs)), port, name))
+            return
+        # headless: per ready endpoint
+        ep_names = {}             # ip -> the name SRV and PTR use
+        all_srv = []
+        for pi in info.ports:
+            proto = pi.port.protocol.lower()
+            port_srv = []
+            for e in pi.usable:
+                label = e.hostname.lower() if e.hostname and HOSTNAME.match(e.hostname.lower()) else None
+                dashed = dns.name.Name((_dashed(e.ip).encode(),) + name.labels)
+                target = dns.name.Name((label.encode(),) + name.labels) if label else dashed
+                if e.ip not in ep_names:
+                    ep_names[e.ip] = target
+                    self._add(name, A, dns.rdtypes.IN.A.A(IN, A, e.ip))
+                    self._add(dashed, A, dns.rdtypes.IN.A.A(IN, A, e.ip))
+                    self._add_ptr(e.ip, target)
+                if label and not any(rd.address == e.ip for rd in
+                                     self.records.get(_key(target), {}).get(A, ())):
+                    self._add(target, A, dns.rdtypes.IN.A.A(IN, A, e.ip))
+                if (target, e.port) not in port_srv:
+                    port_srv.append((target, e.port))
+            if pi.port.name and port_srv:
+                pname = dns.name.Name((f"_{pi.port.name}".lower().encode(), f"_{proto}".encode()) + name.labels)
+                w = max(1, 100 // len(port_srv))
+                for target, port in port_srv:
+                    self._add(pname, SRV, dns.rdtypes.IN.SRV.SRV(IN, SRV, 0, w, port, target))
+            all_srv += [t for t in port_srv if t not in all_srv]
+        if all_srv:
+            w = max(1, 100 // len(all_srv))
+            for target, port in all_srv:
+                self._add(name, SRV, dns.rdtypes.IN.SRV.SRV(IN, SRV, 0, w, port, target))
+        # no ready endpoint: nothing was added under the name, so it does not
+        # exist (the spec's NXDOMAIN); ep_names kept one A per distinct IP
+
+    # -- answering -----------------------------------------------------------
+
+    def is_ours(self, name):
+        return name.is_subdomain(self.origin) or _key(name) in self.ptr
+
+    def _rrset(self, owner, rdtype, rdatas, ttl=None):
+        rr = dns.rrset.RRset(owner, IN, rdtype)
+        ttl = self.ttl if ttl is None else ttl
+        for rd in rdatas:
+            rr.add(rd, ttl)
+        return rr
+
+    def _soa(self):
+        return self._rrset(self.origin, SOA, [self.soa_rdata])
+
+    def _lookup(self, name):
+        """name inside the zone -> (exists, {rdtype: [rdata]})."""
+        k = _key(name)
+        recs = self.records.get(k)
+        if recs is not None:
+            return True, recs
+        if k in self.names:
+            return True, {}
+        if self.pods:
+            rel = name.relativize(self.origin).labels
+            if len(rel) == 3 and rel[2].lower() == b"pod":
+                try:
+                    ip = _undashed(rel[0].decode("ascii").lower())
+                except UnicodeDecodeError:
+                    ip = None
+                if ip:
+                    return True, {A: [dns.rdtypes.IN.A.A(IN, A, ip)]}
+            elif len(rel) == 2 and rel[1].lower() == b"pod":
+                return True, {}
+        return False, {}
+
+    def _additional(self, resp, rrsets):
+        """A records of SRV/NS targets inside the zone."""
+        seen = set()
+        for rr in rrsets:
+            if rr.rdtype not in (SRV, NS):
+                continue
+            for rd in rr:
+                t = rd.target
+                k = _key(t)
+                if k in seen or not t.is_subdomain(self.origin):
+                    continue
+                seen.add(k)
+                a = self.records.get(k, {}).get(A)
+                if a:
+                    resp.additional.append(self._rrset(t, A, a))
+
+    def answer(self, msg, recursion=True):
+        """Answer one query for the zone, or None: forward it upstream.
+        recursion=False: never call the resolver (client not allowed to recurse)."""
+        if msg.opcode() != dns.opcode.QUERY:
+            return _response(msg, dns.rcode.NOTIMP, ra=recursion)
+        if len(msg.question) != 1:
+            return _response(msg, dns.rcode.FORMERR, ra=recursion)
+        q = msg.question[0]
+        if q.rdtype in NO_QUESTION_TYPES:
+            return _response(msg, dns.rcode.FORMERR, ra=recursion)
+        qname, qtype = q.name, q.rdtype
+        if not self.is_ours(qname):
+            return None
+        if q.rdclass != IN:
+            return _response(msg, dns.rcode.REFUSED, ra=recursion)
+        if qtype in TRANSFER_TYPES:
+            return _response(msg, dns.rcode.REFUSED, ra=recursion)
+        resp = _response(msg, aa=True, ra=recursion)
+        if not qname.is_subdomain(self.origin):      # reverse name of a cluster IP
+            if qtype not in (PTR, ANY):
+                return None
+            resp.answer.append(self._rrset(qname, PTR, self.ptr[_key(qname)]))
+            return resp
+        self._resolve(resp, qname, qtype, recursion)
+        return resp
+
+    def _resolve(self, resp, qname, qtype, recursion):
+        owner, name, visited = qname, qname, set()
+        for depth in range(MAX_CHAIN + 1):
+            k = _key(name)
+            target = self.cnames.get(k)
+            if target is not None:
+                resp.answer.append(self._rrset(owner, CNAME, [dns.rdtypes.ANY.CNAME.CNAME(IN, CNAME, target)]))
+                visited.add(k)
+                if qtype in (CNAME, ANY) or _key(target) in visited or depth == MAX_CHAIN:
+                    return
+                if not target.is_subdomain(self.origin):
+                    if recursion and self.resolver is not None:
+                        try:
+                            rrsets = self.resolver(target, qtype)
+                        except Exception:            # the upstream is best effort here
+                            log.exception("upstream lookup of %s failed", target)
+                            rrsets = None
+                        if rrsets:
+                            resp.answer.extend(rrsets)
+                    return
+                owner = name = target
+                continue
+            exists, recs = self._lookup(name)
+            if not exists:
+                if depth == 0:
+                    resp.set_rcode(dns.rcode.NXDOMAIN)
+                resp.authority.append(self._soa())   # in a chain: NODATA (coredns#6088)
+                return
+            if qtype == ANY:
+                found = [self._rrset(owner, t, rds) for t, rds in recs.items()]
+            else:
+                found = [self._rrset(owner, qtype, recs[qtype])] if recs.get(qtype) else []
+            if not found:
+                resp.authority.append(self._soa())
+                return
+            resp.answer.extend(found)
+            self._additional(resp, found)
+            return
+
+
+class DNSServer:
+    """The cluster DNS server on bind_ip:port, UDP and TCP.
+
+    cfg: DNSConfig (domain, ttl, upstream [(ip, port)], cluster_ip, port).
+    allowed_sources: ipaddress networks allowed to recurse (forwarding and the
+    upstream half of ExternalName answers); None allows everyone. Names in the
+    cluster zone are answered for every client.
+    """
+
+    def __init__(self, cfg, bind_ip, port=None, allowed_sources=None):
+        self.cfg = cfg
+        self.bind_ip = bind_ip
+        self.port = cfg.port if port is None else port
+        self.allowed_sources = None if allowed_sources is None else [
+            ipaddress.ip_network(n, strict=False) for n in allowed_sources]
+        self.upstream = [tuple(u) for u in (cfg.upstream or [])]
+        self.budget = FORWARD_BUDGET
+        self.stats = dict.fromkeys(("queries", "udp", "tcp", "noerror", "nxdomain", "forwarded",
+                                    "servfail", "refused", "formerr", "notimp", "truncated",
+                                    "dropped", "upstream_errors"), 0)
+        self._stats_lock = threading.Lock()
+        from .servicemap import ServiceMap
+        self.zone = ClusterZone(ServiceMap(services={}), cfg, resolver=self._upstream_lookup)
+        self._udp = self._tcp = None
+        self._threads = []
+        self._closing = threading.Event()
+        self._pool = None
+        self._pending = 0
+        self._tcp_conns = set()
+        self._lock = threading.Lock()
+
+    # -- public ----------------------------------------------------------
+
+    def update(self, smap):
+        """Build the zone of a new service map and swap it in (atomic)."""
+        self.zone = ClusterZone(smap, self.cfg, resolver=self._upstream_lookup)
+
+    def start(self):
+        """Bind UDP and TCP on bind_ip:port (port 0: the same free port for
+        both, then self.port) and serve from daemon threads."""
+        for attempt in range(20):
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                udp.bind((self.bind_ip, self.port))
+                port = udp.getsockname()[1]
+                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                tcp.bind((self.bind_ip, port))
+                tcp.listen(128)
+                break
+            except OSError as e:
+                udp.close()
+                tcp.close()
+                if self.port != 0 or e.errno != errno.EADDRINUSE or attempt == 19:
+                    raise
+        self.port = port
+        udp.settimeout(0.5)
+        tcp.settimeout(0.5)
+        self._udp, self._tcp = udp, tcp
+        self._pool = concurrent.futures.ThreadPoolExecutor(UDP_WORKERS, thread_name_prefix="dns-udp")
+        for target, name in ((self._udp_loop, "dns-udp-recv"), (self._tcp_loop, "dns-tcp-accept")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info("cluster DNS on %s:%d (udp, tcp), domain %s, upstream %s", self.bind_ip, self.port,
+                 self.cfg.domain, ", ".join(f"{h}:{p}" for h, p in self.upstream) or "none")
+        return self
+
+    def close(self):
+        self._closing.set()
+        for s in (self._udp, self._tcp):
+            if s is not None:
+                try:
+                    s.close()
+                except OSError:
+                    pass
+        with self._lock:
+            conns = list(self._tcp_conns)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in self._threads:
+            t.join(timeout=2)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- one query ---------------------------------------------------------
+
+    def _count(self, key, n=1):
+        with self._stats_lock:
+            self.stats[key] = self.stats.get(key, 0) + n
+
+    def allowed(self, src_ip):
+        if self.allowed_sources is None:
+            return True
+        try:
+            a = ipaddress.ip_address(src_ip)
+        except ValueError:
+            return False
+        return any(a in n for n in self.allowed_sources)
+
+    def handle(self, wire, src_ip, tcp=False):
+        """Query bytes -> response bytes, or None (drop). Never raises."""
+        self._count("queries")
+        self._count("tcp" if tcp else "udp")
+        try:
+            return self._handle(wire, src_ip, tcp)
+        except Exception:
+            log.exception("answering a query from %s failed", src_ip)
+            self._count("servfail")
+            return error_from_header(wire, dns.rcode.SERVFAIL)
+
+    def _handle(self, wire, src_ip, tcp):
+        if len(wire) < 12:
+            self._count("dropped")
+            return None
+        if struct.unpack("!H", wire[2:4])[0] & dns.flags.QR:
+            self._count("dropped")         # a response: never answer it (no loops)
+            return None
+        opcode = (struct.unpack("!H", wire[2:4])[0] >> 11) & 0xF
+        if opcode != dns.opcode.QUERY:
+            self._count("notimp")
+            return error_from_header(wire, dns.rcode.NOTIMP)
+        try:
+            q = dns.message.from_wire(wire)
+        except Exception:                  # dns.exception.* and anything odd in rdata parsing
+            self._count("formerr")
+            return error_from_header(wire, dns.rcode.FORMERR)
+        if q.edns > 0:                     # RFC 6891: only version 0
+            r = _response(q)
+            r.use_edns(0, 0, OUR_PAYLOAD)
+            r.set_rcode(dns.rcode.BADVERS)
+            return r.to_wire()
+        allowed = self.allowed(src_ip)
+        zone = self.zone                   # one zone for the whole query
+        r = zone.answer(q, recursion=allowed)
+        if r is None:
+            if not allowed:
+                r = _response(q, dns.rcode.REFUSED, ra=False)
+            elif not self.upstream:
+                r = _response(q, dns.rcode.SERVFAIL)
+            else:
+                self._count("forwarded")
+                r = self.forward(q)
+                if r is None:
+                    r = _response(q, dns.rcode.SERVFAIL)
+                else:
+                    r.id = q.id
+                    r.question = list(q.question)     # the client's spelling (0x20)
+        rc = r.rcode()
+        self._count({dns.rcode.NOERROR: "noerror", dns.rcode.NXDOMAIN: "nxdomain",
+                     dns.rcode.SERVFAIL: "servfail", dns.rcode.REFUSED: "refused",
+                     dns.rcode.FORMERR: "formerr", dns.rcode.NOTIMP: "notimp"}.get(rc, "other"))
+        out, truncated = to_wire_limited(r, 65535 if tcp else udp_limit(q))
+        if truncated:
+            self._count("truncated")
+        return out
+
+    # -- upstream -----------------------------------------------------------
+
+    def forward(self, query):
+        """Send query to the upstreams in turn within the time budget: UDP,
+        then TCP when truncated. The first useful answer wins; SERVFAIL and
+        REFUSED move on to the next upstream (and are returned when nothing
+        better comes). None when no upstream answers."""
+        if not self.upstream:
+            return None
+        fq = dns.message.from_wire(query.to_wire())
+        fq.id = dns.entropy.random_16()
+        deadline = time.monotonic() + self.budget
+        last = None
+        n = len(self.upstream)
+        for i, (host, port) in enumerate(self.upstream):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0.01:
+                break
+            per = remaining / (n - i)
+            try:
+                r = self._udp_query(fq, host, port, per)
+                if r.flags & dns.flags.TC:
+                    r = dns.query.tcp(fq, host, port=port,
+                                      timeout=max(0.2, deadline - time.monotonic()))
+            except (dns.exception.DNSException, OSError, EOFError, ValueError) as e:
+                self._count("upstream_errors")
+                log.debug("upstream %s:%d: %s", host, port, e)
+                continue
+            if r.rcode() in (dns.rcode.SERVFAIL, dns.rcode.REFUSED):
+                last = r
+                continue
+            return r
+        return last
+
+    def _udp_query(self, q, host, port, timeout):
+        # a connected, non-blocking socket: an ICMP port unreachable fails at once
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.setblocking(False)
+            s.connect((host, port))
+            return dns.query.udp(q, host, timeout=timeout, port=port, sock=s,
+                                 ignore_unexpected=True, ignore_trailing=True)
+        finally:
+            s.close()
+
+    def _upstream_lookup(self, name, rdtype):
+        """ClusterZone's resolver: name's answer records from the upstream."""
+        if not self.upstream:
+            return None
+        self._count("forwarded")
+        q = dns.message.make_query(name, rdtype, use_edns=0, payload=OUR_PAYLOAD)
+        r = self.forward(q)
+        if r is None or r.rcode() not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+            return None
+        return list(r.answer)
+
+    # -- sockets -------------------------------------------------------------
+
+    def _udp_loop(self):
+        sock = self._udp
+        while not self._closing.is_set():
+            try:
+                wire, addr = sock.recvfrom(65535)
+            except socket.timeout:
+                continue
+            except OSError:
+                if self._closing.is_set():
+                    return
+                time.sleep(0.01)         # e.g. ECONNREFUSED left over from an ICMP error
+                continue
+            with self._lock:
+                if self._pending >= UDP_MAX_PENDING:
+                    self._count("dropped")
+                    continue
+                self._pending += 1
+            try:
+                self._pool.submit(self._udp_one, sock, wire, addr)
+            except RuntimeError:          # pool shut down
+                return
+
+    def _udp_one(self, sock, wire, addr):
+        try:
+            out = self.handle(wire, addr[0], tcp=False)
+            if out is not None:
+                try:
+                    sock.sendto(out, addr)
+                except OSError as e:
+                    log.debug("udp reply to %s: %s", addr, e)
+        finally:
+            with self._lock:
+                self._pending -= 1
+
+    def _tcp_loop(self):
+        lsock = self._tcp
+        while not self._closing.is_set():
+            try:
+                conn, addr = lsock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                if self._closing.is_set():
+                    return
+                time.sleep(0.01)
+                continue
+            with self._lock:
+                if len(self._tcp_conns) >= TCP_MAX_CONNS:
+                    conn.close()
+                    self._count("dropped")
+                    continue
+                self._tcp_conns.add(conn)
+            threading.Thread(target=self._tcp_conn, args=(conn, addr), name="dns-tcp", daemon=True).start()
+
+    def _tcp_conn(self, conn, addr):
+        try:
+            conn.settimeout(TCP_IDLE)
+            while not self._closing.is_set():
+                hdr = _recv_exact(conn, 2)
+                if hdr is None:
+                    return
+                (n,) = struct.unpack("!H", hdr)
+                if n == 0:
+                    return
+                wire = _recv_exact(conn, n)
+                if wire is None:
+                    return
+                out = self.handle(wire, addr[0], tcp=True)
+                if out is None:
+                    continue
+                conn.sendall(struct.pack("!H", len(out)) + out)
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self._tcp_conns.discard(conn)
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+
+def _recv_exact(conn, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = conn.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return buf

@@ -1,0 +1,733 @@
+"""Cluster DNS: ClusterZone answers (no sockets), then DNSServer over UDP/TCP
+on 127.0.0.1 with a labdns upstream."""
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
+import dns.query
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+import pytest
+
+from engine import config, servicemap
+from engine.config import DNSConfig
+from engine.dns import ClusterZone, DNSServer, to_wire_limited
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def load(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return config.load(str(p))
+
+
+def pod(name, ip, labels, ready=True, ports="[{name: http, containerPort: 8080}]", ns="default", hostname=None):
+    host = f", hostname: {hostname}" if hostname else ""
+    return f"""---
+kind: Pod
+metadata: {{name: {name}, namespace: {ns}, labels: {{{labels}}}}}
+spec: {{containers: [{{name: c, ports: {ports}}}]{host}}}
+status: {{podIP: {ip}, conditions: [{{type: Ready, status: "{'True' if ready else 'False'}"}}]}}
+"""
+
+
+CLUSTER = """apiVersion: engine/v1alpha1
+kind: EngineConfiguration
+dns: {clusterIP: 10.96.0.10, domain: cluster.local, upstream: [192.0.2.53]}
+---
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: 10.96.100.100
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http}, {name: dns, protocol: UDP, port: 53, targetPort: 5353}]
+---
+kind: Service
+metadata: {name: plain}
+spec: {clusterIP: 10.96.100.101, selector: {app: web}, ports: [{port: 8080}]}
+---
+kind: Service
+metadata: {name: np}
+spec: {type: NodePort, clusterIP: 10.96.100.102, selector: {app: web}, ports: [{port: 80, nodePort: 30080}]}
+---
+kind: Service
+metadata: {name: db}
+spec:
+  clusterIP: None
+  selector: {app: db}
+  ports: [{name: pg, port: 5432, targetPort: 6432}, {name: metrics, port: 9100}]
+---
+kind: Service
+metadata: {name: empty}
+spec: {clusterIP: None, selector: {app: nothing}, ports: [{name: x, port: 1}]}
+---
+kind: Service
+metadata: {name: ext}
+spec: {type: ExternalName, externalName: www.example.org}
+---
+kind: Service
+metadata: {name: alias}
+spec: {type: ExternalName, externalName: web.default.svc.cluster.local}
+---
+kind: Service
+metadata: {name: alias2}
+spec: {type: ExternalName, externalName: alias.default.svc.cluster.local}
+---
+kind: Service
+metadata: {name: chain-out}
+spec: {type: ExternalName, externalName: ext.default.svc.cluster.local}
+---
+kind: Service
+metadata: {name: loop1}
+spec: {type: ExternalName, externalName: loop2.default.svc.cluster.local}
+---
+kind: Service
+metadata: {name: loop2}
+spec: {type: ExternalName, externalName: loop1.default.svc.cluster.local}
+---
+kind: Service
+metadata: {name: dangling}
+spec: {type: ExternalName, externalName: nothere.default.svc.cluster.local}
+---
+kind: Service
+metadata: {name: api, namespace: prod}
+spec: {clusterIP: 10.96.200.1, selector: {app: api}, ports: [{name: https, port: 443}]}
+""" + pod("web-1", "10.244.1.2", "app: web") + pod("web-2", "10.244.1.3", "app: web") \
+    + pod("web-3", "10.244.1.4", "app: web", ready=False) \
+    + pod("db-0", "10.244.2.2", "app: db", hostname="db-0",
+          ports="[{name: metrics, containerPort: 9100}]") \
+    + pod("db-1", "10.244.2.3", "app: db") \
+    + pod("db-2", "10.244.2.4", "app: db", ready=False)
+
+DOM = "cluster.local."
+
+
+class FakeUpstream:
+    """ClusterZone resolver: canned answers, records the calls."""
+
+    def __init__(self, table=None, fail=False):
+        self.table = table or {}
+        self.fail = fail
+        self.calls = []
+
+    def __call__(self, name, rdtype):
+        self.calls.append((name.to_text(), dns.rdatatype.to_text(rdtype)))
+        if self.fail:
+            return None
+        recs = self.table.get((name.to_text().lower(), rdtype))
+        return [dns.rrset.from_text_list(name, 60, "IN", rdtype, recs)] if recs else []
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return load(tmp_path, CLUSTER)
+
+
+@pytest.fixture
+def zone(cfg):
+    up = FakeUpstream({("www.example.org.", dns.rdatatype.A): ["93.184.216.34"]})
+    z = ClusterZone(servicemap.build(cfg), cfg.engine.dns, resolver=up)
+    z.upstream = up
+    return z
+
+
+def ask(zone, name, rdtype="A", recursion=True, **kw):
+    q = dns.message.make_query(name, rdtype, **kw)
+    return zone.answer(q, recursion=recursion)
+
+
+def answers(r, rdtype=None):
+    """[(owner, type, rdata text)] of the answer section."""
+    return [(rr.name.to_text().lower(), dns.rdatatype.to_text(rr.rdtype), rd.to_text())
+            for rr in r.answer for rd in rr if rdtype is None or rr.rdtype == dns.rdatatype.from_text(rdtype)]
+
+
+def rdatas(r, rdtype="A", section="answer"):
+    t = dns.rdatatype.from_text(rdtype)
+    return sorted(rd.to_text() for rr in getattr(r, section) for rd in rr if rr.rdtype == t)
+
+
+def is_nodata(r):
+    return (r.rcode() == dns.rcode.NOERROR and not r.answer
+            and [rr.rdtype for rr in r.authority] == [dns.rdatatype.SOA])
+
+
+def is_nxdomain(r):
+    return (r.rcode() == dns.rcode.NXDOMAIN and not r.answer
+            and [rr.rdtype for rr in r.authority] == [dns.rdatatype.SOA])
+
+
+# -- ClusterIP ---------------------------------------------------------------
+
+def test_clusterip_a_record_ttl_and_aa(zone):
+    r = ask(zone, "web.default.svc.cluster.local", "A")
+    assert r.rcode() == dns.rcode.NOERROR
+    assert r.flags & dns.flags.AA and r.flags & dns.flags.QR
+    assert answers(r) == [("web.default.svc.cluster.local.", "A", "10.96.100.100")]
+    assert r.answer[0].ttl == 5
+    # NodePort services answer with their cluster IP; other namespaces work
+    assert rdatas(ask(zone, "np.default.svc.cluster.local")) == ["10.96.100.102"]
+    assert rdatas(ask(zone, "api.prod.svc.cluster.local")) == ["10.96.200.1"]
+
+
+def test_names_are_case_insensitive_and_question_preserved(zone):
+    r = ask(zone, "WeB.DeFault.SVC.Cluster.Local.", "A")
+    assert rdatas(r) == ["10.96.100.100"]
+    assert r.question[0].name.to_text() == "WeB.DeFault.SVC.Cluster.Local."
+    assert r.answer[0].name.to_text() == "WeB.DeFault.SVC.Cluster.Local."
+
+
+def test_ttl_from_config(tmp_path):
+    cfg = load(tmp_path, CLUSTER.replace("upstream: [192.0.2.53]", "upstream: [192.0.2.53], ttl: 30"))
+    z = ClusterZone(servicemap.build(cfg), cfg.engine.dns)
+    assert ask(z, "web.default.svc.cluster.local").answer[0].ttl == 30
+    r = ask(z, "nope.default.svc.cluster.local")
+    assert r.authority[0].ttl == 30 and r.authority[0][0].minimum == 30
+
+
+def test_aaaa_and_txt_on_a_service_are_nodata_with_soa(zone):
+    for t in ("AAAA", "TXT", "MX"):
+        r = ask(zone, "web.default.svc.cluster.local", t)
+        assert is_nodata(r), t
+        assert r.flags & dns.flags.AA
+    soa = ask(zone, "web.default.svc.cluster.local", "AAAA").authority[0]
+    assert soa.name.to_text() == DOM
+    rd = soa[0]
+    assert rd.mname.to_text() == "ns.dns.cluster.local." and rd.rname.to_text() == "hostmaster.cluster.local."
+    assert (rd.refresh, rd.retry, rd.expire, rd.minimum) == (7200, 1800, 86400, 5)
+    assert rd.serial > 0
+
+
+@pytest.mark.parametrize("name", ["svc.cluster.local", "default.svc.cluster.local", "prod.svc.cluster.local",
+                                  "cluster.local", "pod.cluster.local", "_tcp.web.default.svc.cluster.local"])
+def test_intermediate_names_are_nodata(zone, name):
+    assert is_nodata(ask(zone, name, "A"))
+    assert is_nodata(ask(zone, name, "AAAA"))
+
+
+@pytest.mark.parametrize("name", ["nope.default.svc.cluster.local", "web.nons.svc.cluster.local",
+                                  "x.web.default.svc.cluster.local", "foo.cluster.local",
+                                  "a.b.c.default.svc.cluster.local", "web.default.cluster.local",
+                                  "_http._udp.web.default.svc.cluster.local",
+                                  "_nope._tcp.web.default.svc.cluster.local"])
+def test_unknown_names_under_the_domain_are_nxdomain(zone, name):
+    for t in ("A", "AAAA", "SRV", "TXT"):
+        r = ask(zone, name, t)
+        assert is_nxdomain(r), (name, t)
+        assert r.flags & dns.flags.AA
+
+
+def test_soa_ns_and_version_at_the_apex(zone):
+    r = ask(zone, "cluster.local", "SOA")
+    assert rdatas(r, "SOA")[0].startswith("ns.dns.cluster.local. hostmaster.cluster.local. ")
+    r = ask(zone, "cluster.local", "NS")
+    assert rdatas(r, "NS") == ["ns.dns.cluster.local."]
+    assert rdatas(r, "A", "additional") == ["10.96.0.10"]
+    assert rdatas(ask(zone, "ns.dns.cluster.local")) == ["10.96.0.10"]
+    assert rdatas(ask(zone, "dns-version.cluster.local", "TXT"), "TXT") == ['"1.1.0"']
+
+
+def test_any_returns_every_record_of_the_name(zone):
+    r = ask(zone, "web.default.svc.cluster.local", "ANY")
+    assert rdatas(r, "A") == ["10.96.100.100"]
+    assert rdatas(r, "SRV") == ["0 50 53 web.default.svc.cluster.local.", "0 50 80 web.default.svc.cluster.local."]
+
+
+def test_pods_insecure(zone):
+    assert rdatas(ask(zone, "10-244-9-9.default.pod.cluster.local")) == ["10.244.9.9"]
+    assert is_nodata(ask(zone, "10-244-9-9.default.pod.cluster.local", "AAAA"))
+    assert is_nxdomain(ask(zone, "10-244-9-999.default.pod.cluster.local"))
+    assert is_nxdomain(ask(zone, "not-an-ip.default.pod.cluster.local"))
+
+
+def test_custom_domain(tmp_path):
+    cfg = load(tmp_path, CLUSTER.replace("domain: cluster.local", "domain: Corp.Example"))
+    z = ClusterZone(servicemap.build(cfg), cfg.engine.dns)
+    assert rdatas(ask(z, "web.default.svc.corp.example")) == ["10.96.100.100"]
+    assert ask(z, "web.default.svc.cluster.local") is None      # not ours: forward
+    assert rdatas(ask(z, "corp.example", "SOA"), "SOA")[0].startswith("ns.dns.corp.example. hostmaster.corp.example.")
+
+
+# -- SRV ---------------------------------------------------------------------
+
+def test_srv_for_named_ports_of_a_clusterip_service(zone):
+    r = ask(zone, "_http._tcp.web.default.svc.cluster.local", "SRV")
+    assert answers(r) == [("_http._tcp.web.default.svc.cluster.local.", "SRV", "0 100 80 web.default.svc.cluster.local.")]
+    assert r.answer[0].ttl == 5
+    assert [(rr.name.to_text(), rd.to_text()) for rr in r.additional for rd in rr] == \
+        [("web.default.svc.cluster.local.", "10.96.100.100")]
+    r = ask(zone, "_dns._udp.web.default.svc.cluster.local", "SRV")
+    assert rdatas(r, "SRV") == ["0 100 53 web.default.svc.cluster.local."]
+    # the SRV name exists, other types are NODATA; unnamed ports have no SRV name
+    assert is_nodata(ask(zone, "_http._tcp.web.default.svc.cluster.local", "A"))
+    assert is_nodata(ask(zone, "_tcp.plain.default.svc.cluster.local", "SRV")) is False
+
+
+def test_headless_srv_per_ready_endpoint(zone):
+    r = ask(zone, "_metrics._tcp.db.default.svc.cluster.local", "SRV")
+    assert r.rcode() == dns.rcode.NOERROR
+    assert rdatas(r, "SRV") == ["0 50 9100 10-244-2-3.db.default.svc.cluster.local.",
+                                "0 50 9100 db-0.db.default.svc.cluster.local."]
+    add = sorted((rr.name.to_text(), rd.to_text()) for rr in r.additional for rd in rr)
+    assert add == [("10-244-2-3.db.default.svc.cluster.local.", "10.244.2.3"),
+                   ("db-0.db.default.svc.cluster.local.", "10.244.2.2")]
+    # port = the endpoint's port (targetPort), not the service port
+    r = ask(zone, "_pg._tcp.db.default.svc.cluster.local", "SRV")
+    assert {rd.port for rr in r.answer for rd in rr} == {6432}
+    assert len(r.answer[0]) == 2
+
+
+def test_no_srv_for_externalname(zone):
+    assert is_nxdomain(ask(zone, "_http._tcp.ext.default.svc.cluster.local", "SRV"))
+
+
+# -- headless ------------------------------------------------------------------
+
+def test_headless_a_per_ready_endpoint_distinct(zone):
+    r = ask(zone, "db.default.svc.cluster.local", "A")
+    # db-0/db-1 appear under two ports each: one A per IP; db-2 is not ready
+    assert rdatas(r) == ["10.244.2.2", "10.244.2.3"]
+    assert len(r.answer) == 1 and r.flags & dns.flags.AA
+    assert is_nodata(ask(zone, "db.default.svc.cluster.local", "AAAA"))
+
+
+def test_headless_per_endpoint_names(zone):
+    assert rdatas(ask(zone, "db-0.db.default.svc.cluster.local")) == ["10.244.2.2"]
+    assert rdatas(ask(zone, "10-244-2-2.db.default.svc.cluster.local")) == ["10.244.2.2"]
+    assert rdatas(ask(zone, "10-244-2-3.db.default.svc.cluster.local")) == ["10.244.2.3"]
+    assert is_nxdomain(ask(zone, "10-244-2-4.db.default.svc.cluster.local"))     # not ready
+    assert is_nxdomain(ask(zone, "db-1.db.default.svc.cluster.local"))           # no hostname
+    assert is_nodata(ask(zone, "db-0.db.default.svc.cluster.local", "TXT"))
+
+
+def test_headless_without_ready_endpoints_is_nxdomain(zone):
+    assert is_nxdomain(ask(zone, "empty.default.svc.cluster.local", "A"))
+    assert is_nxdomain(ask(zone, "_x._tcp.empty.default.svc.cluster.local", "SRV"))
+
+
+def test_headless_from_endpointslice_with_hostnames(tmp_path):
+    cfg = load(tmp_path, """kind: Service
+metadata: {name: kafka, namespace: data}
+spec: {clusterIP: None, ports: [{name: broker, port: 9092}]}
+---
+kind: EndpointSlice
+metadata: {name: kafka-1, namespace: data, labels: {kubernetes.io/service-name: kafka}}
+addressType: IPv4
+ports: [{name: broker, port: 9093}]
+endpoints:
+- {addresses: [10.244.3.1], hostname: kafka-0}
+- {addresses: [10.244.3.2], hostname: kafka-1}
+- {addresses: [10.244.3.3], conditions: {ready: false}}
+""")
+    z = ClusterZone(servicemap.build(cfg), cfg.engine.dns)
+    assert rdatas(ask(z, "kafka.data.svc.cluster.local")) == ["10.244.3.1", "10.244.3.2"]
+    assert rdatas(ask(z, "kafka-1.kafka.data.svc.cluster.local")) == ["10.244.3.2"]
+    r = ask(z, "_broker._tcp.kafka.data.svc.cluster.local", "SRV")
+    assert rdatas(r, "SRV") == ["0 50 9093 kafka-0.kafka.data.svc.cluster.local.",
+                                "0 50 9093 kafka-1.kafka.data.svc.cluster.local."]
+    assert rdatas(ask(z, "2.3.244.10.in-addr.arpa", "PTR"), "PTR") == ["kafka-1.kafka.data.svc.cluster.local."]
+
+
+# -- PTR -----------------------------------------------------------------------
+
+def test_ptr_for_cluster_ips_and_headless_endpoints(zone):
+    r = ask(zone, "100.100.96.10.in-addr.arpa", "PTR")
+    assert answers(r) == [("100.100.96.10.in-addr.arpa.", "PTR", "web.default.svc.cluster.local.")]
+    assert r.flags & dns.flags.AA and r.answer[0].ttl == 5
+    assert rdatas(ask(zone, "1.200.96.10.IN-ADDR.ARPA", "PTR"), "PTR") == ["api.prod.svc.cluster.local."]
+    assert rdatas(ask(zone, "2.2.244.10.in-addr.arpa", "PTR"), "PTR") == ["db-0.db.default.svc.cluster.local."]
+    assert rdatas(ask(zone, "3.2.244.10.in-addr.arpa", "PTR"), "PTR") == ["10-244-2-3.db.default.svc.cluster.local."]
+
+
+def test_other_reverse_names_are_forwarded(zone):
+    assert ask(zone, "99.99.96.10.in-addr.arpa", "PTR") is None       # unallocated cluster IP
+    assert ask(zone, "4.2.244.10.in-addr.arpa", "PTR") is None        # not-ready endpoint
+    assert ask(zone, "8.8.8.8.in-addr.arpa", "PTR") is None
+    assert ask(zone, "100.100.96.10.in-addr.arpa", "TXT") is None
+
+
+# -- ExternalName ----------------------------------------------------------------
+
+def test_externalname_cname_plus_upstream_answer(zone):
+    r = ask(zone, "ext.default.svc.cluster.local", "A")
+    assert r.rcode() == dns.rcode.NOERROR and r.flags & dns.flags.AA
+    assert answers(r) == [("ext.default.svc.cluster.local.", "CNAME", "www.example.org."),
+                          ("www.example.org.", "A", "93.184.216.34")]
+    assert r.answer[0].ttl == 5
+    assert zone.upstream.calls == [("www.example.org.", "A")]
+
+
+def test_externalname_cname_for_every_qtype(zone):
+    for t in ("AAAA", "TXT", "MX", "SRV"):
+        r = ask(zone, "ext.default.svc.cluster.local", t)
+        assert r.rcode() == dns.rcode.NOERROR
+        assert answers(r) == [("ext.default.svc.cluster.local.", "CNAME", "www.example.org.")], t
+    r = ask(zone, "ext.default.svc.cluster.local", "CNAME")
+    assert answers(r) == [("ext.default.svc.cluster.local.", "CNAME", "www.example.org.")]
+    assert ("www.example.org.", "CNAME") not in zone.upstream.calls
+
+
+def test_externalname_upstream_failure_gives_cname_only(cfg):
+    z = ClusterZone(servicemap.build(cfg), cfg.engine.dns, resolver=FakeUpstream(fail=True))
+    r = ask(z, "ext.default.svc.cluster.local")
+    assert r.rcode() == dns.rcode.NOERROR
+    assert answers(r) == [("ext.default.svc.cluster.local.", "CNAME", "www.example.org.")]
+    z = ClusterZone(servicemap.build(cfg), cfg.engine.dns, resolver=None)
+    assert answers(ask(z, "ext.default.svc.cluster.local")) == answers(r)
+
+
+def test_externalname_without_recursion_does_not_ask_upstream(zone):
+    r = ask(zone, "ext.default.svc.cluster.local", recursion=False)
+    assert answers(r) == [("ext.default.svc.cluster.local.", "CNAME", "www.example.org.")]
+    assert zone.upstream.calls == []
+
+
+def test_externalname_to_in_cluster_name_resolves_internally(zone):
+    r = ask(zone, "alias.default.svc.cluster.local")
+    assert answers(r) == [("alias.default.svc.cluster.local.", "CNAME", "web.default.svc.cluster.local."),
+                          ("web.default.svc.cluster.local.", "A", "10.96.100.100")]
+    r = ask(zone, "alias2.default.svc.cluster.local")
+    assert answers(r) == [("alias2.default.svc.cluster.local.", "CNAME", "alias.default.svc.cluster.local."),
+                          ("alias.default.svc.cluster.local.", "CNAME", "web.default.svc.cluster.local."),
+                          ("web.default.svc.cluster.local.", "A", "10.96.100.100")]
+    # in-cluster then out: the chain ends at the upstream
+    r = ask(zone, "chain-out.default.svc.cluster.local")
+    assert [a[1] for a in answers(r)] == ["CNAME", "CNAME", "A"]
+    assert answers(r)[-1] == ("www.example.org.", "A", "93.184.216.34")
+    assert zone.upstream.calls == [("www.example.org.", "A")]
+
+
+def test_externalname_loop_and_dangling_target(zone):
+    r = ask(zone, "loop1.default.svc.cluster.local")
+    assert r.rcode() == dns.rcode.NOERROR
+    assert [a[1:] for a in answers(r)] == [("CNAME", "loop2.default.svc.cluster.local."),
+                                          ("CNAME", "loop1.default.svc.cluster.local.")]
+    r = ask(zone, "dangling.default.svc.cluster.local")
+    assert r.rcode() == dns.rcode.NOERROR          # coredns#6088: NODATA
+    assert answers(r) == [("dangling.default.svc.cluster.local.", "CNAME", "nothere.default.svc.cluster.local.")]
+    assert [rr.rdtype for rr in r.authority] == [dns.rdatatype.SOA]
+    assert zone.upstream.calls == []
+
+
+def test_externalname_chain_is_bounded(tmp_path):
+    docs = [f"kind: Service\nmetadata: {{name: s{i}}}\nspec: {{type: ExternalName, externalName: s{i + 1}.default.svc.cluster.local}}\n"
+            for i in range(20)]
+    cfg = load(tmp_path, "---\n".join(docs))
+    z = ClusterZone(servicemap.build(cfg), cfg.engine.dns)
+    r = ask(z, "s0.default.svc.cluster.local")
+    assert r.rcode() == dns.rcode.NOERROR
+    assert 1 <= len(r.answer) <= 9 and all(rr.rdtype == dns.rdatatype.CNAME for rr in r.answer)
+
+
+# -- what is not ours / bad input ---------------------------------------------------
+
+def test_outside_the_zone_is_forwarded(zone):
+    for name in ("google.com", "local", "svc.cluster.local.example.com", "10.in-addr.arpa"):
+        assert ask(zone, name) is None
+
+
+def test_bad_queries(zone):
+    q = dns.message.make_query("web.default.svc.cluster.local", "A")
+    q.set_opcode(dns.opcode.STATUS)
+    assert zone.answer(q).rcode() == dns.rcode.NOTIMP
+    q = dns.message.Message()
+    assert zone.answer(q).rcode() == dns.rcode.FORMERR
+    assert ask(zone, "cluster.local", "AXFR").rcode() == dns.rcode.REFUSED
+    q = dns.message.make_query("web.default.svc.cluster.local", "A", rdclass="CH")
+    assert zone.answer(q).rcode() == dns.rcode.REFUSED
+
+
+def test_empty_service_map_and_update():
+    cfg = DNSConfig()
+    z = ClusterZone(servicemap.ServiceMap(services={}), cfg)
+    assert is_nodata(ask(z, "svc.cluster.local"))
+    assert is_nxdomain(ask(z, "web.default.svc.cluster.local"))
+    assert is_nxdomain(ask(z, "default.svc.cluster.local"))
+
+
+def test_truncation_keeps_what_fits():
+    q = dns.message.make_query("x.example.", "A")
+    r = dns.message.make_response(q)
+    r.answer.append(dns.rrset.from_text_list("x.example.", 5, "IN", "A", [f"10.0.0.{i}" for i in range(100)]))
+    wire, truncated = to_wire_limited(r, 512)
+    assert truncated and len(wire) <= 512
+    m = dns.message.from_wire(wire)
+    assert m.flags & dns.flags.TC and 10 < len(m.answer[0]) < 100
+    wire, truncated = to_wire_limited(r, 65535)
+    assert not truncated and len(dns.message.from_wire(wire).answer[0]) == 100
+
+
+# -- sockets ----------------------------------------------------------------------
+
+def free_port():
+    """A port free for both UDP and TCP on 127.0.0.1."""
+    for _ in range(50):
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.bind(("127.0.0.1", 0))
+        port = u.getsockname()[1]
+        t = socket.socket()
+        try:
+            t.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+        finally:
+            u.close()
+            t.close()
+    raise RuntimeError("no free port")
+
+
+@pytest.fixture
+def upstream():
+    port = free_port()
+    p = subprocess.Popen([sys.executable, "-m", "engine.labdns", "--bind", "127.0.0.1", "--port", str(port),
+                          "--record", "google.com=A:192.168.50.80",
+                          "--record", "www.example.org=CNAME:google.com",
+                          "--record", "big.example=TXT:" + "x" * 200,
+                          "--record", "big.example=TXT:" + "y" * 200,
+                          "--record", "big.example=TXT:" + "z" * 200],
+                         cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        yield port
+    finally:
+        p.terminate()
+        p.wait(timeout=5)
+
+
+def many_endpoints(n):
+    eps = "\n".join(f"- {{addresses: [10.244.{i // 250}.{i % 250 + 1}]}}" for i in range(n))
+    return f"""---
+kind: Service
+metadata: {{name: many}}
+spec: {{clusterIP: None, ports: [{{name: http, port: 80}}]}}
+---
+kind: EndpointSlice
+metadata: {{name: many-1, labels: {{kubernetes.io/service-name: many}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+{eps}
+"""
+
+
+def start_server(tmp_path, upstream_port, text=CLUSTER, **kw):
+    cfg = load(tmp_path, text + many_endpoints(100), name="srv.yaml")
+    dcfg = cfg.engine.dns
+    dcfg.upstream = [("127.0.0.1", upstream_port)] if upstream_port else []
+    srv = DNSServer(dcfg, "127.0.0.1", port=0, **kw)
+    srv.update(servicemap.build(cfg))
+    return srv.start()
+
+
+def udp(srv, name, rdtype="A", **kw):
+    return dns.query.udp(dns.message.make_query(name, rdtype, **kw), "127.0.0.1", port=srv.port, timeout=5)
+
+
+def tcp(srv, name, rdtype="A", **kw):
+    return dns.query.tcp(dns.message.make_query(name, rdtype, **kw), "127.0.0.1", port=srv.port, timeout=5)
+
+
+def test_server_answers_zone_over_udp_and_tcp(tmp_path):
+    srv = start_server(tmp_path, None)
+    try:
+        for f in (udp, tcp):
+            r = f(srv, "web.default.svc.cluster.local")
+            assert rdatas(r) == ["10.96.100.100"] and r.flags & dns.flags.AA
+            assert f(srv, "nope.default.svc.cluster.local").rcode() == dns.rcode.NXDOMAIN
+            assert rdatas(f(srv, "_http._tcp.web.default.svc.cluster.local", "SRV"), "SRV") == \
+                ["0 100 80 web.default.svc.cluster.local."]
+        # no upstream configured: outside names are SERVFAIL
+        assert udp(srv, "google.com").rcode() == dns.rcode.SERVFAIL
+        assert srv.stats["queries"] == 7 and srv.stats["nxdomain"] == 2 and srv.stats["servfail"] == 1
+    finally:
+        srv.close()
+
+
+def test_server_several_queries_per_tcp_connection(tmp_path):
+    srv = start_server(tmp_path, None)
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+            for i in range(3):
+                q = dns.message.make_query("api.prod.svc.cluster.local", "A")
+                w = q.to_wire()
+                s.sendall(struct.pack("!H", len(w)) + w)
+                n = struct.unpack("!H", s.recv(2, socket.MSG_WAITALL))[0]
+                r = dns.message.from_wire(s.recv(n, socket.MSG_WAITALL))
+                assert r.id == q.id and rdatas(r) == ["10.96.200.1"]
+    finally:
+        srv.close()
+
+
+def test_server_update_swaps_the_zone(tmp_path):
+    srv = start_server(tmp_path, None)
+    try:
+        assert udp(srv, "new.default.svc.cluster.local").rcode() == dns.rcode.NXDOMAIN
+        cfg = load(tmp_path, "kind: Service\nmetadata: {name: new}\nspec: {clusterIP: 10.96.5.5, ports: [{port: 1}]}\n",
+                   name="new.yaml")
+        srv.update(servicemap.build(cfg))
+        assert rdatas(udp(srv, "new.default.svc.cluster.local")) == ["10.96.5.5"]
+        assert udp(srv, "web.default.svc.cluster.local").rcode() == dns.rcode.NXDOMAIN
+    finally:
+        srv.close()
+
+
+def test_server_forwards_to_upstream(tmp_path, upstream):
+    srv = start_server(tmp_path, upstream)
+    try:
+        for f in (udp, tcp):
+            r = f(srv, "GOOGLE.com")           # dns.query checks the id and the question
+            assert rdatas(r) == ["192.168.50.80"]
+            assert r.question[0].name.to_text() == "GOOGLE.com."
+            r = f(srv, "www.example.org")
+            assert [a[1] for a in answers(r)] == ["CNAME", "A"]
+            assert f(srv, "nothing.example").rcode() == dns.rcode.NXDOMAIN
+        # an upstream answer larger than 512 bytes: truncated to the UDP client, whole over TCP
+        r = udp(srv, "big.example", "TXT")
+        assert r.flags & dns.flags.TC
+        r = tcp(srv, "big.example", "TXT")
+        assert not r.flags & dns.flags.TC and len(r.answer[0]) == 3
+        r = udp(srv, "big.example", "TXT", use_edns=0, payload=4096)
+        assert not r.flags & dns.flags.TC and len(r.answer[0]) == 3
+        assert srv.stats["forwarded"] >= 9
+    finally:
+        srv.close()
+
+
+def test_server_externalname_cname_plus_upstream_a(tmp_path, upstream):
+    srv = start_server(tmp_path, upstream)
+    try:
+        for f in (udp, tcp):
+            r = f(srv, "ext.default.svc.cluster.local")
+            assert r.rcode() == dns.rcode.NOERROR
+            assert answers(r) == [("ext.default.svc.cluster.local.", "CNAME", "www.example.org."),
+                                  ("www.example.org.", "CNAME", "google.com."),
+                                  ("google.com.", "A", "192.168.50.80")]
+    finally:
+        srv.close()
+
+
+def test_server_servfail_when_upstream_is_down(tmp_path):
+    dead = free_port()
+    srv = start_server(tmp_path, dead)
+    try:
+        t0 = time.monotonic()
+        r = udp(srv, "google.com")
+        assert r.rcode() == dns.rcode.SERVFAIL
+        assert time.monotonic() - t0 < 3
+        assert tcp(srv, "google.com").rcode() == dns.rcode.SERVFAIL
+        # ExternalName with the upstream down: just the CNAME
+        r = udp(srv, "ext.default.svc.cluster.local")
+        assert r.rcode() == dns.rcode.NOERROR
+        assert answers(r) == [("ext.default.svc.cluster.local.", "CNAME", "www.example.org.")]
+        assert srv.stats["servfail"] == 2
+    finally:
+        srv.close()
+
+
+def test_server_forwarding_timeout_budget(tmp_path):
+    # an upstream that swallows queries: SERVFAIL after about the 2 s budget
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    srv = start_server(tmp_path, sink.getsockname()[1])
+    try:
+        t0 = time.monotonic()
+        assert udp(srv, "google.com").rcode() == dns.rcode.SERVFAIL
+        assert 1.5 < time.monotonic() - t0 < 3.5
+    finally:
+        srv.close()
+        sink.close()
+
+
+def test_server_truncates_udp_and_tcp_is_complete(tmp_path):
+    srv = start_server(tmp_path, None)
+    try:
+        r = udp(srv, "many.default.svc.cluster.local")
+        assert r.flags & dns.flags.TC
+        assert sum(len(rr) for rr in r.answer) < 100
+        assert len(r.to_wire()) <= 512
+        r = udp(srv, "many.default.svc.cluster.local", use_edns=0, payload=1232)
+        assert r.flags & dns.flags.TC and 30 < sum(len(rr) for rr in r.answer) < 100
+        r = tcp(srv, "many.default.svc.cluster.local")
+        assert not r.flags & dns.flags.TC
+        assert len(rdatas(r)) == 100
+        r = tcp(srv, "_http._tcp.many.default.svc.cluster.local", "SRV")
+        assert len(rdatas(r, "SRV")) == 100 and len(rdatas(r, "A", "additional")) == 100
+        assert srv.stats["truncated"] == 2
+    finally:
+        srv.close()
+
+
+def test_server_survives_malformed_input(tmp_path):
+    srv = start_server(tmp_path, None)
+    try:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(2)
+        junk = [b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07exa",      # cut in the question
+                b"\xab\xcd" + b"\xff" * 40,                                       # garbage
+                b"\x00\x01\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\xc0\x0c\x00\x01\x00\x01"]  # pointer loop
+        for w in junk:
+            s.sendto(w, ("127.0.0.1", srv.port))
+            r = dns.message.from_wire(s.recv(4096))
+            assert r.id == struct.unpack("!H", w[:2])[0]
+            assert r.rcode() in (dns.rcode.FORMERR, dns.rcode.NOTIMP)
+        # too short for a header, or a response: no answer at all
+        for w in (b"\x01\x02\x03", dns.message.make_response(dns.message.make_query("a.b", "A")).to_wire()):
+            s.sendto(w, ("127.0.0.1", srv.port))
+            with pytest.raises(socket.timeout):
+                s.settimeout(0.3)
+                s.recv(4096)
+        # an UPDATE: NOTIMP
+        q = dns.message.make_query("a.b", "A")
+        q.set_opcode(dns.opcode.UPDATE)
+        s.settimeout(2)
+        s.sendto(q.to_wire(), ("127.0.0.1", srv.port))
+        assert dns.message.from_wire(s.recv(4096)).rcode() == dns.rcode.NOTIMP
+        # no question: FORMERR
+        q = dns.message.Message()
+        s.sendto(q.to_wire(), ("127.0.0.1", srv.port))
+        assert dns.message.from_wire(s.recv(4096)).rcode() == dns.rcode.FORMERR
+        # EDNS version 1: BADVERS
+        q = dns.message.make_query("web.default.svc.cluster.local", "A", use_edns=1)
+        s.sendto(q.to_wire(), ("127.0.0.1", srv.port))
+        assert dns.message.from_wire(s.recv(4096)).rcode() == dns.rcode.BADVERS
+        s.close()
+        # garbage over TCP, then a good query on a new connection
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as c:
+            c.sendall(struct.pack("!H", 20) + b"\x55" * 20)
+            n = struct.unpack("!H", c.recv(2, socket.MSG_WAITALL))[0]
+            assert dns.message.from_wire(c.recv(n, socket.MSG_WAITALL)).rcode() == dns.rcode.FORMERR
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as c:
+            c.sendall(b"\x00")                  # half a length prefix, then hang up
+        assert rdatas(udp(srv, "web.default.svc.cluster.local")) == ["10.96.100.100"]
+        assert rdatas(tcp(srv, "web.default.svc.cluster.local")) == ["10.96.100.100"]
+        assert srv.stats["formerr"] >= 4
+    finally:
+        srv.close()
+
+
+def test_server_refuses_recursion_outside_allowed_sources(tmp_path, upstream):
+    srv = start_server(tmp_path, upstream, allowed_sources=["10.0.0.0/8"])
+    try:
+        r = udp(srv, "google.com")
+        assert r.rcode() == dns.rcode.REFUSED
+        assert rdatas(udp(srv, "web.default.svc.cluster.local")) == ["10.96.100.100"]    # zone: still answered
+        r = udp(srv, "ext.default.svc.cluster.local")
+        assert answers(r) == [("ext.default.svc.cluster.local.", "CNAME", "www.example.org.")]
+        assert srv.stats["refused"] == 1 and srv.stats["forwarded"] == 0
+    finally:
+        srv.close()
+    srv = start_server(tmp_path, upstream, allowed_sources=["127.0.0.0/8"])
+    try:
+        assert rdatas(udp(srv, "google.com")) == ["192.168.50.80"]
+    finally:
+        srv.close()
