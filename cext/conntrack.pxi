@@ -18,8 +18,8 @@ ctypedef struct flow_key_t:
 ctypedef struct ct_entry_t:     # 48 bytes
     flow_key_t key[2]           # [DIR_ORIG], [DIR_REPLY]
     uint32_t expires            # seconds on the dataplane clock
-    uint32_t svc                # service-port index in the tables that created it
-    uint32_t backend_addr       # raw, equal to key[DIR_REPLY].saddr: kept for clarity of dumps
+    uint32_t svc                # stable service-port id (control plane's), for stats
+    uint32_t backend            # stable backend id: active-flow counts (lc)
     uint8_t state
     uint8_t flags
     uint16_t pad
@@ -69,9 +69,11 @@ cdef struct conntrack_t:
     uint64_t *slots             # hash32 << 32 | (id*2 + dir + 1); 0 = empty
     uint64_t mask
     uint32_t hand               # clock hand for sweeping and eviction
+    uint32_t *active            # flows per backend id, kept by alloc/remove
+    uint32_t nactive
 
 
-cdef int ct_init(conntrack_t *ct, uint32_t maxflows) except -1:
+cdef int ct_init(conntrack_t *ct, uint32_t maxflows, uint32_t maxbackends) except -1:
     cdef uint64_t size = 16
     cdef uint32_t i
     while size < 4 * <uint64_t>maxflows:
@@ -79,7 +81,9 @@ cdef int ct_init(conntrack_t *ct, uint32_t maxflows) except -1:
     ct.entries = <ct_entry_t *>calloc(maxflows, sizeof(ct_entry_t))
     ct.free_ids = <uint32_t *>malloc(maxflows * sizeof(uint32_t))
     ct.slots = <uint64_t *>calloc(size, sizeof(uint64_t))
-    if not ct.entries or not ct.free_ids or not ct.slots:
+    ct.active = <uint32_t *>calloc(maxbackends, sizeof(uint32_t))
+    ct.nactive = maxbackends
+    if not ct.entries or not ct.free_ids or not ct.slots or not ct.active:
         raise MemoryError()
     ct.max = maxflows
     ct.count = 0
@@ -95,6 +99,8 @@ cdef void ct_free(conntrack_t *ct) noexcept nogil:
     free(ct.entries)
     free(ct.free_ids)
     free(ct.slots)
+    free(ct.active)
+    ct.active = NULL
     ct.entries = NULL
     ct.free_ids = NULL
     ct.slots = NULL
@@ -154,6 +160,8 @@ cdef inline void ct_index_del(conntrack_t *ct, uint32_t ref) noexcept nogil:
 cdef inline void ct_remove(conntrack_t *ct, uint32_t id) noexcept nogil:
     ct_index_del(ct, id * 2)
     ct_index_del(ct, id * 2 + 1)
+    if ct.entries[id].backend < ct.nactive and ct.active[ct.entries[id].backend]:
+        ct.active[ct.entries[id].backend] -= 1
     ct.entries[id].state = CT_FREE
     ct.free_ids[ct.nfree] = id
     ct.nfree += 1

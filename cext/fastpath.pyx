@@ -86,6 +86,31 @@ cdef enum:
 COUNTERS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "flows_created",
             "flows_expired", "flows_evicted", "rejects", "write_errors", "drops")
 
+# Per-service counters, NSVC_STATS per stable service id
+cdef enum:
+    S_PACKETS = 0
+    S_BYTES = 1
+    S_FLOWS = 2
+    S_REJECTS = 3
+    S_DENIED = 4
+    NSVC_STATS = 5
+
+SERVICE_COUNTERS = ("packets", "bytes", "flows", "rejects", "denied")
+
+# sessionAffinity: ClientIP, the last backend of (service, client), as
+# iptables' `recent` list or IPVS persistence keeps it. Open addressing with
+# a bounded probe; when all probed slots are live the oldest is replaced.
+ctypedef struct aff_t:
+    uint32_t svc                # stable service id + 1; 0 = empty
+    uint32_t client             # raw
+    uint32_t addr               # backend, raw
+    uint16_t port
+    uint16_t pad
+    uint32_t expires
+
+cdef enum:
+    AFF_PROBE = 8
+
 STATE_NAMES = ("FREE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT",
                "CLOSE_WAIT", "TIME_WAIT", "CLOSE", "UNREPLIED", "ASSURED")
 
@@ -209,6 +234,10 @@ cdef class Dataplane:
     cdef uint32_t rng
     cdef uint64_t cnt[C_NCOUNTERS]
     cdef PyThread_type_lock lock    # conntrack: batch vs. control-plane calls
+    cdef uint64_t *svc_stats        # NSVC_STATS per stable service id
+    cdef uint32_t max_services
+    cdef aff_t *aff
+    cdef uint64_t aff_mask
     cdef uint8_t *bufs
     cdef Py_ssize_t *lens
     cdef uint8_t *verdicts
@@ -221,17 +250,30 @@ cdef class Dataplane:
         self.lens = NULL
         self.verdicts = NULL
         self.lock = NULL
+        self.svc_stats = NULL
+        self.aff = NULL
+        self.ct.active = NULL
         self.ct.entries = NULL
         self.ct.free_ids = NULL
         self.ct.slots = NULL
 
     def __init__(self, masquerade_ip, max_flows=262144, batch=64, seed=0x9E3779B9,
-                 port_range=(1024, 65535), timeouts=None, Tables tables=None):
+                 port_range=(1024, 65535), timeouts=None, Tables tables=None,
+                 max_services=65536, max_backends=1 << 20, affinity_size=65536):
+        cdef uint64_t asize = 16
         if max_flows < 1:
             raise ValueError("max_flows must be positive")
         if not (1 <= port_range[0] <= port_range[1] <= 65535):
             raise ValueError("bad SNAT port range")
-        ct_init(&self.ct, max_flows)
+        ct_init(&self.ct, max_flows, max_backends)
+        self.max_services = max_services
+        self.svc_stats = <uint64_t *>calloc(<size_t>max_services * NSVC_STATS, sizeof(uint64_t))
+        while asize < affinity_size:
+            asize <<= 1
+        self.aff = <aff_t *>calloc(asize, sizeof(aff_t))
+        self.aff_mask = asize - 1
+        if not self.svc_stats or not self.aff:
+            raise MemoryError()
         self.masq = htonl(int(masquerade_ip))
         self.port_lo = port_range[0]
         self.port_range = port_range[1] - port_range[0] + 1
@@ -246,10 +288,14 @@ cdef class Dataplane:
         self.set_timeouts(timeouts or {})
         self._workers = []
         self._io0 = None
-        self.tables = tables if tables is not None else Tables([])
+        self.tables = Tables([])
+        if tables is not None:
+            self.swap(tables)
 
     def __dealloc__(self):
         ct_free(&self.ct)
+        free(self.svc_stats)
+        free(self.aff)
         free(self.bufs)
         free(self.lens)
         free(self.verdicts)
@@ -268,6 +314,10 @@ cdef class Dataplane:
     def swap(self, Tables tables not None):
         """Atomically replace the service tables. A batch in flight keeps the
         generation it started with (it holds a reference)."""
+        if tables.max_id > self.max_services:
+            raise ValueError(f"service id {tables.max_id - 1} beyond max_services {self.max_services}")
+        if tables.max_bid > self.ct.nactive:
+            raise ValueError(f"backend id {tables.max_bid - 1} beyond max_backends {self.ct.nactive}")
         self.tables = tables
 
     @property
@@ -317,6 +367,8 @@ cdef class Dataplane:
         elif proto == PROTO_UDP:
             if l4len < UDP_HLEN or be16(l4 + UDP_LEN) < UDP_HLEN or be16(l4 + UDP_LEN) > l4len:
                 return self.drop(R_MALFORMED)
+        elif proto == PROTO_ICMP:
+            return self.icmp(t, p, l4, tot, l4len, outlen)
         else:
             return self.drop(R_UNSUPPORTED)
         k.saddr = ld32(p + IP_SRC)
@@ -349,6 +401,8 @@ cdef class Dataplane:
             elif dir == DIR_REPLY:
                 e.state = CT_UDP_ASSURED
             e.expires = now + self.timeouts[e.state]
+            self.svc_stats[e.svc * NSVC_STATS + S_PACKETS] += 1
+            self.svc_stats[e.svc * NSVC_STATS + S_BYTES] += tot
             outlen[0] = tot
             return V_FORWARD
 
@@ -368,14 +422,16 @@ cdef class Dataplane:
                 return self.drop(R_UNALLOCATED)
             return self.drop(R_NO_SERVICE)
         if (sv.flags & SVC_F_SOURCE_RANGES) and not t.source_allowed(sv, k.saddr):
+            self.svc_stats[sv.id * NSVC_STATS + S_DENIED] += 1
             return self.drop(R_SOURCE_DENIED)
         if sv.backend_count == 0:
+            self.svc_stats[sv.id * NSVC_STATS + S_REJECTS] += 1
             return self.reject(p, tot, outlen)
         if proto == PROTO_TCP and (th & (TH_SYN | TH_ACK | TH_RST | TH_FIN)) != TH_SYN:
             return self.drop(R_NOT_SYN)
 
         # 4. scheduler, then a free SNAT port for the reply tuple
-        b = &t.backends[sv.backend_start + xorshift32(&self.rng) % sv.backend_count]
+        b = self.schedule(t, sv, &k, now)
         rk.saddr = b.addr
         rk.daddr = self.masq
         rk.sport = b.port
@@ -396,8 +452,13 @@ cdef class Dataplane:
         e = &self.ct.entries[id]
         e.key[DIR_ORIG] = k
         e.key[DIR_REPLY] = rk
-        e.svc = <uint32_t>(sv - t.svcs)
-        e.backend_addr = b.addr
+        e.svc = sv.id
+        e.backend = b.id
+        if b.id < self.ct.nactive:
+            self.ct.active[b.id] += 1
+        self.svc_stats[sv.id * NSVC_STATS + S_FLOWS] += 1
+        self.svc_stats[sv.id * NSVC_STATS + S_PACKETS] += 1
+        self.svc_stats[sv.id * NSVC_STATS + S_BYTES] += tot
         e.flags = 0
         e.state = CT_SYN_SENT if proto == PROTO_TCP else CT_UDP_UNREPLIED
         e.expires = now + self.timeouts[e.state]
@@ -407,6 +468,170 @@ cdef class Dataplane:
         nat_rewrite(p, l4, proto, rk.daddr, rk.dport, rk.saddr, rk.sport, partial)
         outlen[0] = tot
         return V_FORWARD
+
+    cdef int icmp(self, Tables t, uint8_t *p, uint8_t *l4, Py_ssize_t tot, Py_ssize_t l4len,
+                  Py_ssize_t *outlen) noexcept nogil:
+        """ICMP: echo to a live service address is answered (as IPVS mode's
+        bound VIPs are); an error about a tracked flow (unreachable, frag
+        needed, time exceeded, parameter problem) is translated, inner header
+        included, and sent on to the flow's other end."""
+        cdef uint8_t typ, *inner, *il4
+        cdef Py_ssize_t ilen, iihl
+        cdef flow_key_t rk
+        cdef flow_key_t *K
+        cdef int64_t ref
+        cdef ct_entry_t *e
+        cdef uint32_t osrc, odst, isrc, idst
+        cdef uint16_t ic, c, ipc
+        cdef int csoff
+        if l4len < ICMP_HLEN:
+            return self.drop(R_MALFORMED)
+        typ = l4[ICMP_TYPE]
+        odst = ld32(p + IP_DST)
+        osrc = ld32(p + IP_SRC)
+        if typ == 8:                            # echo request
+            if l4[ICMP_CODE] != 0 or not t.is_vip(odst):
+                return self.drop(self.unmatched(t, odst))
+            st32(p + IP_SRC, odst)              # swapping words keeps the header sum
+            st32(p + IP_DST, osrc)
+            ic = ld16(l4 + ICMP_TYPE)
+            l4[ICMP_TYPE] = 0
+            st16(l4 + ICMP_CSUM, csum_replace2(ld16(l4 + ICMP_CSUM), ic, ld16(l4 + ICMP_TYPE)))
+            ic = ld16(p + IP_TTL)
+            p[IP_TTL] = 64
+            st16(p + IP_CSUM, csum_replace2(ld16(p + IP_CSUM), ic, ld16(p + IP_TTL)))
+            outlen[0] = tot
+            return V_REPLY
+        if typ != 3 and typ != 11 and typ != 12:
+            return self.drop(R_UNSUPPORTED)
+        # the quoted datagram: one we sent, so it is already translated
+        inner = l4 + ICMP_HLEN
+        ilen = l4len - ICMP_HLEN
+        if ilen < IP_MIN_HLEN or (inner[IP_VER_IHL] >> 4) != 4:
+            return self.drop(R_MALFORMED)
+        iihl = (inner[IP_VER_IHL] & 0x0f) * 4
+        if iihl < IP_MIN_HLEN or ilen < iihl + 8:
+            return self.drop(R_MALFORMED)
+        if inner[IP_PROTO] != PROTO_TCP and inner[IP_PROTO] != PROTO_UDP:
+            return self.drop(R_UNSUPPORTED)
+        il4 = inner + iihl
+        isrc = ld32(inner + IP_SRC)
+        idst = ld32(inner + IP_DST)
+        rk.saddr = idst                         # the reverse of what we sent
+        rk.daddr = isrc
+        rk.sport = ld16(il4 + L4_DPORT)
+        rk.dport = ld16(il4 + L4_SPORT)
+        rk.proto = inner[IP_PROTO]
+        rk.family = 4
+        rk.pad = 0
+        ref = ct_find(&self.ct, &rk)
+        if ref < 0:
+            return self.drop(self.unmatched(t, odst))
+        e = &self.ct.entries[ref >> 1]
+        K = &e.key[1 - (ref & 1)]               # the packet as its sender sent it
+        # inner header back to what the sender sent; each change also goes
+        # into the ICMP checksum, which covers the quote
+        ic = ld16(l4 + ICMP_CSUM)
+        ipc = ld16(inner + IP_CSUM)
+        c = csum_replace4(csum_replace4(ipc, isrc, K.saddr), idst, K.daddr)
+        ic = csum_replace2(ic, ipc, c)
+        st16(inner + IP_CSUM, c)
+        ic = csum_replace4(csum_replace4(ic, isrc, K.saddr), idst, K.daddr)
+        st32(inner + IP_SRC, K.saddr)
+        st32(inner + IP_DST, K.daddr)
+        csoff = TCP_CSUM if rk.proto == PROTO_TCP else UDP_CSUM
+        if ilen >= iihl + csoff + 2:            # the L4 checksum is quoted
+            c = ld16(il4 + csoff)
+            if not (rk.proto == PROTO_UDP and c == 0):
+                c = csum_replace4(csum_replace4(c, isrc, K.saddr), idst, K.daddr)
+                c = csum_replace2(csum_replace2(c, ld16(il4 + L4_SPORT), K.sport), ld16(il4 + L4_DPORT), K.dport)
+                if rk.proto == PROTO_UDP and c == 0:
+                    c = 0xffff
+                ic = csum_replace2(ic, ld16(il4 + csoff), c)
+                st16(il4 + csoff, c)
+        ic = csum_replace2(csum_replace2(ic, ld16(il4 + L4_SPORT), K.sport), ld16(il4 + L4_DPORT), K.dport)
+        st16(il4 + L4_SPORT, K.sport)
+        st16(il4 + L4_DPORT, K.dport)
+        st16(l4 + ICMP_CSUM, ic)
+        # outer: to the sender; from the far end's public face if it was the far end
+        c = ld16(p + IP_CSUM)
+        if osrc == idst:
+            c = csum_replace4(c, osrc, K.daddr)
+            st32(p + IP_SRC, K.daddr)
+        c = csum_replace4(c, odst, K.saddr)
+        st32(p + IP_DST, K.saddr)
+        st16(p + IP_CSUM, c)
+        self.svc_stats[e.svc * NSVC_STATS + S_PACKETS] += 1
+        self.svc_stats[e.svc * NSVC_STATS + S_BYTES] += tot
+        outlen[0] = tot
+        return V_FORWARD
+
+    cdef inline int unmatched(self, Tables t, uint32_t daddr) noexcept nogil:
+        """Drop reason for a packet that opens nothing and matches no flow."""
+        if daddr == self.masq:
+            return R_SPOOFED
+        if t.in_drop_cidrs(daddr):
+            return R_UNALLOCATED
+        return R_NO_SERVICE
+
+    cdef inline backend_t *schedule(self, Tables t, svc_t *sv, flow_key_t *k, uint32_t now) noexcept nogil:
+        """The backend for a new flow of sv (backend_count > 0)."""
+        cdef uint32_t n = sv.backend_count, i, j, start, idx = 0xffffffffU
+        cdef backend_t *bs = t.backends + sv.backend_start
+        cdef aff_t *a = NULL
+        cdef uint32_t *act = self.ct.active
+        if sv.flags & SVC_F_AFFINITY:
+            a = self.aff_slot(sv.id, k.saddr, now)
+            if a.svc == sv.id + 1 and a.client == k.saddr:
+                for i in range(n):
+                    if bs[i].addr == a.addr and bs[i].port == a.port:
+                        idx = i
+                        break
+        if idx == 0xffffffffU:
+            if sv.scheduler == SCHED_RR:
+                idx = sv.rr % n
+                sv.rr += 1
+            elif sv.scheduler == SCHED_LC:
+                # fewest flows, ties broken from a random start
+                start = xorshift32(&self.rng) % n
+                idx = start
+                for j in range(1, n):
+                    i = (start + j) % n
+                    if act[bs[i].id] < act[bs[idx].id]:
+                        idx = i
+            elif sv.scheduler == SCHED_SH:
+                idx = mix64(k.saddr) % n
+            elif sv.scheduler == SCHED_MH:
+                idx = t.mh[sv.mh_start + mix64((<uint64_t>k.saddr << 16) | k.sport) % sv.mh_size]
+            else:
+                idx = xorshift32(&self.rng) % n
+        if a != NULL:
+            a.svc = sv.id + 1
+            a.client = k.saddr
+            a.addr = bs[idx].addr
+            a.port = bs[idx].port
+            a.expires = now + sv.affinity_timeout
+        return &bs[idx]
+
+    cdef inline aff_t *aff_slot(self, uint32_t svc, uint32_t client, uint32_t now) noexcept nogil:
+        """The live slot of (svc, client), else the slot to take for it."""
+        cdef uint64_t h = mix64((<uint64_t>svc << 32) | client) & self.aff_mask
+        cdef aff_t *a
+        cdef aff_t *victim = NULL
+        cdef uint32_t i
+        for i in range(AFF_PROBE):
+            a = &self.aff[(h + i) & self.aff_mask]
+            if a.svc == svc + 1 and a.client == client:
+                if a.expires > now:
+                    return a
+                a.svc = 0               # expired: as good as empty
+            if a.svc == 0 or a.expires <= now:
+                if victim == NULL or victim.svc != 0:
+                    victim = a
+            elif victim == NULL or (victim.svc != 0 and a.expires < victim.expires):
+                victim = a
+        victim.svc = 0
+        return victim
 
     cdef inline int drop(self, int reason) noexcept nogil:
         self.cnt[C_DROPS] += 1
@@ -484,6 +709,22 @@ cdef class Dataplane:
         out["max_flows"] = self.ct.max
         return out
 
+    def service_counters(self, ids):
+        """{id: {packets, bytes, flows, rejects, denied}} for stable service ids."""
+        out = {}
+        for i in ids:
+            if not 0 <= i < self.max_services:
+                raise ValueError(f"service id {i} out of range")
+            out[i] = {name: self.svc_stats[<size_t>i * NSVC_STATS + j]
+                      for j, name in enumerate(SERVICE_COUNTERS)}
+        return out
+
+    def active_flows(self, uint32_t backend_id):
+        """Tracked flows to a backend (the lc scheduler's measure)."""
+        if backend_id >= self.ct.nactive:
+            raise ValueError("backend id out of range")
+        return self.ct.active[backend_id]
+
     def flows(self, double now=-1):
         """Snapshot of the flow table: list of dicts (like conntrack -L)."""
         cdef uint32_t id
@@ -506,6 +747,7 @@ cdef class Dataplane:
                     "orig": _key_tuple(&e.key[0]),
                     "reply": _key_tuple(&e.key[1]),
                     "svc": e.svc,
+                    "backend": e.backend,
                 })
         finally:
             PyThread_release_lock(self.lock)

@@ -13,6 +13,17 @@
 cdef enum:
     SVC_F_SOURCE_RANGES = 1     # only sources within ranges[] may open flows
     SVC_F_NODEPORT = 2          # key addr is 0: any node address
+    SVC_F_AFFINITY = 4          # sessionAffinity: ClientIP
+
+# Schedulers (IPVS names); Python's compiler.SCHEDULER_IDS must agree.
+cdef enum:
+    SCHED_RANDOM = 0            # kube-proxy iptables/nftables mode
+    SCHED_RR = 1                # round robin
+    SCHED_LC = 2                # fewest active flows
+    SCHED_SH = 3                # source (client address) hash
+    SCHED_MH = 4                # Maglev hashing on client address and port
+
+MAGLEV_SIZE = 65537             # prime; > 100 x backends keeps the spread within 1%
 
 ctypedef struct svc_slot_t:
     uint64_t key                # vip << 32 | port << 8 | proto, all raw
@@ -26,6 +37,11 @@ ctypedef struct svc_t:
     uint32_t range_count
     uint32_t flags
     uint32_t scheduler
+    uint32_t id                 # stable service-port id: stats, affinity
+    uint32_t affinity_timeout   # seconds
+    uint32_t mh_start           # Maglev ring slice in mh[] (SCHED_MH)
+    uint32_t mh_size
+    uint32_t rr                 # round-robin cursor (mutable; racy by design)
     uint32_t vip                # raw; the address replies come from
     uint16_t port               # raw
     uint8_t proto
@@ -35,6 +51,7 @@ ctypedef struct backend_t:
     uint32_t addr               # raw
     uint16_t port               # raw
     uint16_t pad
+    uint32_t id                 # stable backend id: active-flow counts
 
 ctypedef struct cidr_t:
     uint32_t net                # host order, for masking
@@ -83,6 +100,9 @@ cdef class Tables:
     cdef uint32_t ndrop
     cdef uint32_t *node_addrs
     cdef uint32_t nnode
+    cdef uint16_t *mh               # Maglev rings, indexes into each service's backends
+    cdef uint32_t max_id            # largest service id + 1
+    cdef uint32_t max_bid           # largest backend id + 1
     cdef readonly object names      # service-port names, index = svc id (for stats)
 
     def __cinit__(self):
@@ -93,6 +113,7 @@ cdef class Tables:
         self.ranges = NULL
         self.drop_cidrs = NULL
         self.node_addrs = NULL
+        self.mh = NULL
 
     def __dealloc__(self):
         free(self.svc_slots)
@@ -102,19 +123,29 @@ cdef class Tables:
         free(self.ranges)
         free(self.drop_cidrs)
         free(self.node_addrs)
+        free(self.mh)
 
     def __init__(self, services, vips=(), drop_cidrs=(), node_addrs=()):
         """services: sequence of dicts with keys
              name, vip (int, host order; 0 for a node port), port, proto (6/17),
-             backends [(addr int, port)], source_ranges [(net int, prefixlen)],
-             scheduler (int), nodeport (bool)
+             backends [(addr int, port[, stable id])], source_ranges [(net int, prefixlen)],
+             scheduler (int), nodeport (bool), id (stable service id; default: the index),
+             affinity_timeout (seconds; 0 = no session affinity)
            vips: addresses (int) that are live service addresses
            drop_cidrs: [(net int, prefixlen)] where unallocated addresses are dropped
            node_addrs: addresses (int) on which node-port keys (vip 0) apply
         """
-        cdef uint32_t i, j, b, r, nb = 0, nr = 0
+        cdef uint32_t i, j, b, r, nb = 0, nr = 0, nmh = 0, m = 0
         cdef uint64_t size, h, key
         services = list(services)
+        for s in services:
+            if s.get("scheduler", 0) == SCHED_MH and s["backends"]:
+                nmh += 1
+        self.mh = <uint16_t *>malloc(max(1, nmh) * MAGLEV_SIZE * sizeof(uint16_t))
+        if not self.mh:
+            raise MemoryError()
+        self.max_id = 0
+        self.max_bid = 0
         self.names = [s["name"] for s in services]
         self.nsvcs = len(services)
         for s in services:
@@ -143,12 +174,29 @@ cdef class Tables:
             sv.proto = s["proto"]
             sv.scheduler = s.get("scheduler", 0)
             sv.flags = SVC_F_NODEPORT if s.get("nodeport") else 0
+            sv.id = s.get("id", i)
+            self.max_id = max(self.max_id, sv.id + 1)
+            sv.affinity_timeout = s.get("affinity_timeout", 0)
+            if sv.affinity_timeout:
+                sv.flags |= SVC_F_AFFINITY
+            sv.rr = 0
             sv.backend_start = b
-            for addr, port in s["backends"]:
-                self.backends[b].addr = htonl(addr)
-                self.backends[b].port = htons(port)
+            for be in s["backends"]:
+                self.backends[b].addr = htonl(be[0])
+                self.backends[b].port = htons(be[1])
+                self.backends[b].id = be[2] if len(be) > 2 else b
+                self.max_bid = max(self.max_bid, self.backends[b].id + 1)
                 b += 1
             sv.backend_count = b - sv.backend_start
+            sv.mh_start = sv.mh_size = 0
+            if sv.scheduler == SCHED_MH and sv.backend_count > 65534:
+                raise ValueError(f"{s['name']}: Maglev takes at most 65534 backends")
+            if sv.scheduler == SCHED_MH and sv.backend_count:
+                sv.mh_start = m * MAGLEV_SIZE
+                sv.mh_size = MAGLEV_SIZE
+                maglev_fill(self.mh + sv.mh_start, MAGLEV_SIZE, self.backends + sv.backend_start,
+                            sv.backend_count)
+                m += 1
             sv.range_start = r
             for net, plen in s.get("source_ranges") or ():
                 self.ranges[r].mask = prefix_mask(plen)
@@ -217,6 +265,58 @@ cdef class Tables:
             if (a & self.ranges[i].mask) == self.ranges[i].net:
                 return True
         return False
+
+
+cdef int maglev_fill(uint16_t *ring, uint32_t M, backend_t *bs, uint32_t n) except -1:
+    """Maglev lookup table (Eisenbud et al., NSDI'16, section 3.4): each
+    backend walks its own permutation of the M slots and claims the next free
+    one in turn, so each gets ~M/n slots and losing one backend moves only
+    the slots it held."""
+    cdef uint32_t *offset = <uint32_t *>malloc(n * sizeof(uint32_t))
+    cdef uint32_t *skip = <uint32_t *>malloc(n * sizeof(uint32_t))
+    cdef uint32_t *nxt = <uint32_t *>calloc(n, sizeof(uint32_t))
+    cdef uint32_t i, filled = 0, c
+    cdef uint64_t key
+    if not offset or not skip or not nxt:
+        free(offset); free(skip); free(nxt)
+        raise MemoryError()
+    for i in range(n):
+        key = (<uint64_t>ntohl(bs[i].addr) << 16) | ntohs(bs[i].port)
+        offset[i] = mix64(key ^ 0x6d61676c6576ULL) % M
+        skip[i] = mix64(key ^ 0x736b6970ULL) % (M - 1) + 1
+    for i in range(M):
+        ring[i] = 0xffff
+    while True:
+        for i in range(n):
+            c = (offset[i] + <uint64_t>nxt[i] * skip[i]) % M
+            while ring[c] != 0xffff:
+                nxt[i] += 1
+                c = (offset[i] + <uint64_t>nxt[i] * skip[i]) % M
+            ring[c] = <uint16_t>i
+            nxt[i] += 1
+            filled += 1
+            if filled == M:
+                free(offset); free(skip); free(nxt)
+                return 0
+
+
+def maglev_table(backends, uint32_t size=MAGLEV_SIZE):
+    """The Maglev ring for [(addr int, port)] as a list of backend indexes
+    (for tests and the reference path)."""
+    cdef uint32_t n = len(backends), i
+    if n == 0 or n > 65535:
+        raise ValueError("1..65535 backends")
+    cdef backend_t *bs = <backend_t *>calloc(n, sizeof(backend_t))
+    cdef uint16_t *ring = <uint16_t *>malloc(size * sizeof(uint16_t))
+    try:
+        for i, (addr, port) in enumerate(backends):
+            bs[i].addr = htonl(addr)
+            bs[i].port = htons(port)
+        maglev_fill(ring, size, bs, n)
+        return [ring[i] for i in range(size)]
+    finally:
+        free(bs)
+        free(ring)
 
 
 cdef uint32_t *_addr_set(list addrs, uint64_t *mask) except NULL:

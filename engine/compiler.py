@@ -11,6 +11,43 @@ import ipaddress
 from .model import PROTOCOLS
 
 SCHEDULER_IDS = {"random": 0, "rr": 1, "lc": 2, "sh": 3, "mh": 4}
+SCHEDULER_ANNOTATION = "engine.io/scheduler"     # per service, as kube-router's
+
+
+class Ids:
+    """Stable small integers for names (service ports, backends) across
+    syncs: the fast path keys counters and flow counts by them. Released ids
+    are reused, last released first."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.ids = {}
+        self.free = []
+
+    def get(self, key):
+        i = self.ids.get(key)
+        if i is None:
+            if self.free:
+                i = self.free.pop()
+            elif len(self.ids) < self.limit:
+                i = len(self.ids)
+            else:
+                raise ValueError(f"more than {self.limit} distinct ids")
+            self.ids[key] = i
+        return i
+
+    def retain(self, keys):
+        """Release the ids of every key not in keys."""
+        for k in [k for k in self.ids if k not in keys]:
+            self.free.append(self.ids.pop(k))
+
+
+class CompileState:
+    """What one running engine keeps between compiles."""
+
+    def __init__(self, max_services=65536, max_backends=1 << 20):
+        self.services = Ids(max_services)
+        self.backends = Ids(max_backends)
 
 
 def _int(ip):
@@ -22,19 +59,27 @@ def _cidr(c):
     return (int(n.network_address), n.prefixlen)
 
 
-def rows(smap, engine_cfg, extra=()):
-    """The table rows as plain dicts (also what `engine check` prints)."""
+def rows(smap, engine_cfg, extra=(), state=None):
+    """The table rows as plain dicts. With a CompileState, rows carry stable
+    service and backend ids."""
     out = []
-    sched = SCHEDULER_IDS[engine_cfg.scheduler]
     for info in smap.services.values():
         s = info.svc
         if s.type == "ExternalName" or info.cluster_ip in (None, "None"):
             continue
+        sched = SCHEDULER_IDS[s.annotations.get(SCHEDULER_ANNOTATION, engine_cfg.scheduler)]
         for pi in info.ports:
             proto = PROTOCOLS[pi.port.protocol]
-            backends = [(_int(e.ip), e.port) for e in pi.usable]
-            base = dict(name=info.port_name(pi), port=pi.port.port, proto=proto,
-                        backends=backends, scheduler=sched)
+            name = info.port_name(pi)
+            if state:
+                backends = [(_int(e.ip), e.port, state.backends.get((e.ip, e.port))) for e in pi.usable]
+            else:
+                backends = [(_int(e.ip), e.port) for e in pi.usable]
+            base = dict(name=name, port=pi.port.port, proto=proto, backends=backends, scheduler=sched)
+            if state:
+                base["id"] = state.services.get(name)
+            if s.session_affinity == "ClientIP":
+                base["affinity_timeout"] = s.affinity_timeout
             out.append(dict(base, vip=_int(info.cluster_ip)))
             if pi.node_port:
                 out.append(dict(base, vip=0, port=pi.node_port, nodeport=True))
@@ -44,14 +89,22 @@ def rows(smap, engine_cfg, extra=()):
             for ext in s.external_ips:
                 if ext != info.ingress_ip:
                     out.append(dict(base, vip=_int(ext)))
-    out.extend(extra)
+    for r in extra:
+        if state:
+            r = dict(r, id=state.services.get(r["name"]),
+                     backends=[(a, p, state.backends.get((str(ipaddress.IPv4Address(a)), p)))
+                               for a, p, *_ in r["backends"]])
+        out.append(r)
     return out
 
 
-def compile_tables(smap, engine_cfg, node_addrs=(), extra=()):
+def compile_tables(smap, engine_cfg, node_addrs=(), extra=(), state=None):
     """Build one generation of fast-path tables."""
     from . import _fastpath
-    rs = rows(smap, engine_cfg, extra)
+    rs = rows(smap, engine_cfg, extra, state)
+    if state:
+        state.services.retain({r["name"] for r in rs})
+        state.backends.retain({(str(ipaddress.IPv4Address(b[0])), b[1]) for r in rs for b in r["backends"]})
     vips = sorted({r["vip"] for r in rs if r["vip"]})
     drop = [_cidr(engine_cfg.service_cidr)]
     if engine_cfg.load_balancer_cidr:

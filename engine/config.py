@@ -282,6 +282,10 @@ def parse_service(doc, file):
     svc = Service(namespace=src.namespace, name=src.name, type=typ, cluster_ip=None,
                   selector=None, ports=[], source=src,
                   annotations={str(k): str(v) for k, v in _map(src, "metadata.annotations", meta.get("annotations")).items()})
+    sched = svc.annotations.get("engine.io/scheduler")
+    if sched is not None and sched not in SCHEDULERS:
+        raise ConfigError(src, 'metadata.annotations["engine.io/scheduler"]',
+                          f"unknown scheduler {sched!r} (one of {', '.join(SCHEDULERS)})")
     if typ == "ExternalName":
         en = spec.get("externalName")
         if not isinstance(en, str) or not en:

@@ -33,6 +33,7 @@ class Engine:
                                       timeouts=timeouts_from(eng.conntrack))
         self.tun = None
         self.smap = None
+        self.state = compiler.CompileState()
         self.programmed = False
         self.last_sync_wall = None
         self.sync_seconds = 0.0
@@ -90,7 +91,7 @@ class Engine:
         previous = self.smap.allocations() if self.smap else None
         smap = servicemap.build(cfg, previous)
         node_addrs = self.node_port_addresses(cfg.engine)
-        tables = compiler.compile_tables(smap, cfg.engine, node_addrs=node_addrs)
+        tables = compiler.compile_tables(smap, cfg.engine, node_addrs=node_addrs, state=self.state)
         self.fp.swap(tables)
         if self.tun:
             self._steer(cfg.engine, smap, node_addrs)
@@ -171,6 +172,17 @@ class Engine:
             f"engine_conntrack_entries {c['flows']}",
             "# TYPE engine_flows_created_total counter",
             f"engine_flows_created_total {c['flows_created']}",
+        ]
+        per = self.fp.service_counters(sorted(self.state.services.ids.values()))
+        names = {i: n for n, i in self.state.services.ids.items()}
+        for metric, key, help_ in (("engine_service_packets_total", "packets", "Packets of a service port, both directions."),
+                                   ("engine_service_bytes_total", "bytes", "Bytes of a service port, both directions."),
+                                   ("engine_service_flows_total", "flows", "Flows opened to a service port."),
+                                   ("engine_service_rejects_total", "rejects", "New flows refused: no ready endpoint."),
+                                   ("engine_service_denied_total", "denied", "New flows dropped by loadBalancerSourceRanges.")):
+            lines += [f"# HELP {metric} {help_}", f"# TYPE {metric} counter"]
+            lines += [f'{metric}{{service="{names[i]}"}} {c[key]}' for i, c in sorted(per.items())]
+        lines += [
             "# HELP kubeproxy_sync_proxy_rules_duration_seconds Last sync duration.",
             "# TYPE kubeproxy_sync_proxy_rules_duration_seconds gauge",
             f"kubeproxy_sync_proxy_rules_duration_seconds {self.sync_seconds:.6f}",

@@ -29,8 +29,8 @@ import struct
 import threading
 import time
 
-import dns.exception
 import dns.entropy
+import dns.exception
 import dns.flags
 import dns.message
 import dns.name
@@ -48,6 +48,8 @@ import dns.rdtypes.ANY.SOA
 import dns.rdtypes.ANY.TXT
 import dns.rdtypes.IN.A
 import dns.rdtypes.IN.SRV
+
+from .servicemap import ServiceMap
 
 log = logging.getLogger("engine.dns")
 
@@ -69,11 +71,6 @@ TCP_MAX_CONNS = 256           # concurrent TCP clients; more are closed at once
 UDP_WORKERS = 32              # threads answering UDP queries
 UDP_MAX_PENDING = 2048        # queued UDP queries beyond this are dropped
 HOSTNAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-
-
-def _key(name):
-    """Lookup key of a dns.name.Name: lowercase absolute text."""
-    return name.to_text().lower()
 
 
 def _dashed(ip):
@@ -121,7 +118,8 @@ def to_wire_limited(resp, limit):
             rrset.add(rd, ttl)
         return t
 
-    lo, hi = 0, len(recs)          # invariant: lo fits (header + question always fit in 512)
+    # invariant: lo fits (header + question fit in 512); a record takes at least 11 bytes
+    lo, hi = 0, min(len(recs), limit // 11)
     while lo < hi:
         mid = (lo + hi + 1) // 2
         try:
@@ -160,7 +158,10 @@ def _response(query, rcode=dns.rcode.NOERROR, aa=False, ra=True):
 
 class ClusterZone:
     """The cluster domain (and the reverse names of cluster IPs) built from a
-    ServiceMap, as dicts keyed by lowercase absolute name.
+    ServiceMap, as dicts keyed by lowercase absolute name (bytes,
+    b"web.default.svc.cluster.local."). Values are kept raw (an IP, an SRV
+    tuple, a target key) and become dnspython rdata when first answered, so
+    building 10,000 services stays cheap.
 
     resolver(name, rdtype) -> [RRset] | None looks a name up outside the zone
     (the server's upstream); it is used to complete ExternalName answers.
@@ -170,144 +171,184 @@ class ClusterZone:
     def __init__(self, smap, cfg, resolver=None, pods=True, serial=None):
         self.cfg = cfg
         self.ttl = int(cfg.ttl)
-        self.origin = dns.name.from_text(cfg.domain.strip(".").lower() or "cluster.local")
+        domain = cfg.domain.strip(".").lower() or "cluster.local"
+        self.origin = dns.name.from_text(domain)
+        self.okey = (domain + ".").encode()      # origin key
+        self._osuffix = b"." + self.okey
         self.resolver = resolver
         self.pods = pods
         self.serial = int(time.time() if serial is None else serial) & 0xFFFFFFFF
-        self.records = {}      # key -> {rdtype: [rdata]}, names inside the zone
-        self.cnames = {}       # key -> dns.name.Name, ExternalName services
+        self.records = {}      # key -> {rdtype: [raw value]}, names inside the zone
+        self.cnames = {}       # key -> target key (absolute, lowercase), ExternalName services
         self.names = set()     # keys of every name that exists (with records or empty non-terminals)
-        self.ptr = {}          # reverse key -> [rdata PTR], cluster IPs and headless endpoints
-        self._origin_key = _key(self.origin)
-        o = self.origin
+        self.ptr = {}          # reverse key -> [target key], cluster IPs and headless endpoints
+        self._cache = {}       # (key, rdtype) -> [rdata], filled on first use
+        d = domain + "."
         self.soa_rdata = dns.rdtypes.ANY.SOA.SOA(
-            IN, SOA, dns.name.from_text("ns.dns", o), dns.name.from_text("hostmaster", o),
+            IN, SOA, dns.name.from_text("ns.dns." + d), dns.name.from_text("hostmaster." + d),
             self.serial, 7200, 1800, 86400, self.ttl)
-        ns_name = dns.name.from_text("ns.dns", o)
-        self._add(o, SOA, self.soa_rdata)
-        self._add(o, NS, dns.rdtypes.ANY.NS.NS(IN, NS, ns_name))
+        self._add(d, SOA, self.soa_rdata)
+        self._add(d, NS, "ns.dns." + d)
         if cfg.cluster_ip:
-            self._add(ns_name, A, dns.rdtypes.IN.A.A(IN, A, cfg.cluster_ip))
-        self._add(dns.name.from_text("dns-version", o), TXT, dns.rdtypes.ANY.TXT.TXT(IN, TXT, [DNS_VERSION]))
-        self._exist(dns.name.from_text("svc", o))
+            self._add("ns.dns." + d, A, cfg.cluster_ip)
+        self._add("dns-version." + d, TXT, DNS_VERSION)
+        self._exist("svc." + d)
         if pods:
-            self._exist(dns.name.from_text("pod", o))
+            self._exist("pod." + d)
         for info in smap.services.values():
             self._add_service(info)
 
     # -- building ----------------------------------------------------------
 
     def _exist(self, name):
-        """Mark name and its ancestors down to the origin as existing."""
-        while True:
-            k = _key(name)
-            if k in self.names:
+        """Mark name (str, absolute) and its ancestors down to the origin."""
+        key = name.encode()
+        while key not in self.names:
+            self.names.add(key)
+            if key == self.okey:
                 return
-            self.names.add(k)
-            if k == self._origin_key or name == dns.name.root:
+            i = key.find(b".")
+            if i < 0 or not key.endswith(self._osuffix):
                 return
-            name = name.parent()
+            key = key[i + 1:]
 
-    def _add(self, name, rdtype, rdata):
-        self.records.setdefault(_key(name), {}).setdefault(rdtype, []).append(rdata)
+    def _add(self, name, rdtype, value):
+        self.records.setdefault(name.encode(), {}).setdefault(rdtype, []).append(value)
         self._exist(name)
 
     def _add_ptr(self, ip, target):
-        rds = self.ptr.setdefault(_reverse_key(ip), [])
-        if not any(rd.target == target for rd in rds):
-            rds.append(dns.rdtypes.ANY.PTR.PTR(IN, PTR, target))
+        t = self.ptr.setdefault(_reverse_key(ip).encode(), [])
+        if target not in t:
+            t.append(target)
 
     def _add_service(self, info):
         s = info.svc
-        ns_name = dns.name.from_text(f"{s.namespace}.svc", self.origin)
-        self._exist(ns_name)         # the namespace exists once it holds a service
-        name = dns.name.Name((s.name.lower().encode(),) + ns_name.labels)
+        d = self.okey.decode()
+        ns = f"{s.namespace}.svc.{d}".lower()
+        self._exist(ns)              # the namespace exists once it holds a service
+        name = f"{s.name}.{ns}".lower()
         if s.type == "ExternalName":
             if s.external_name:
-                self.cnames[_key(name)] = dns.name.from_text(s.external_name.rstrip("."))
+                self.cnames[name.encode()] = s.external_name.rstrip(".").lower() + "."
                 self._exist(name)
             return
         if not info.cluster_ip:
             return
         if info.cluster_ip != "None":
-            self._add(name, A, dns.rdtypes.IN.A.A(IN, A, info.cluster_ip))
+            self._add(name, A, info.cluster_ip)
             self._add_ptr(info.cluster_ip, name)
-            srvs = []
             for pi in info.ports:
-                proto = pi.port.protocol.lower()
-                srvs.append(pi.port.port)
                 if pi.port.name:
-                    pname = dns.name.Name((f"_{pi.port.name}".lower().encode(), f"_{proto}".encode()) + name.labels)
-                    self._add(pname, SRV, dns.rdtypes.IN.SRV.SRV(IN, SRV, 0, 100, pi.port.port, name))
-            for port in srvs:      # SRV at the service name: every port (CoreDNS)
-                self._add(name, SRV, dns.rdtypes.IN.SRV.SRV(IN, SRV, 0, max(1, 100 // len(srvs)), port, name))
+                    self._add(f"_{pi.port.name}._{pi.port.protocol}.{name}".lower(), SRV, (0, 100, pi.port.port, name))
+            w = max(1, 100 // max(1, len(info.ports)))
+            for pi in info.ports:        # SRV at the service name: every port (CoreDNS)
+                self._add(name, SRV, (0, w, pi.port.port, name))
             return
-        # headless: per ready endpoint
-        ep_names = {}             # ip -> the name SRV and PTR use
+        # headless: per ready endpoint. No ready endpoint: nothing is added
+        # under the name, so it does not exist (the spec's NXDOMAIN).
+        ep_names = {}                 # ip -> the name SRV and PTR use
+        host_ips = set()
         all_srv = []
         for pi in info.ports:
-            proto = pi.port.protocol.lower()
             port_srv = []
             for e in pi.usable:
                 label = e.hostname.lower() if e.hostname and HOSTNAME.match(e.hostname.lower()) else None
-                dashed = dns.name.Name((_dashed(e.ip).encode(),) + name.labels)
-                target = dns.name.Name((label.encode(),) + name.labels) if label else dashed
+                dashed = f"{_dashed(e.ip)}.{name}"
+                target = f"{label}.{name}" if label else dashed
                 if e.ip not in ep_names:
                     ep_names[e.ip] = target
-                    self._add(name, A, dns.rdtypes.IN.A.A(IN, A, e.ip))
-                    self._add(dashed, A, dns.rdtypes.IN.A.A(IN, A, e.ip))
+                    self._add(name, A, e.ip)
+                    self._add(dashed, A, e.ip)
                     self._add_ptr(e.ip, target)
-                if label and not any(rd.address == e.ip for rd in
-                                     self.records.get(_key(target), {}).get(A, ())):
-                    self._add(target, A, dns.rdtypes.IN.A.A(IN, A, e.ip))
+                if label and (target, e.ip) not in host_ips:
+                    host_ips.add((target, e.ip))
+                    self._add(target, A, e.ip)
                 if (target, e.port) not in port_srv:
                     port_srv.append((target, e.port))
             if pi.port.name and port_srv:
-                pname = dns.name.Name((f"_{pi.port.name}".lower().encode(), f"_{proto}".encode()) + name.labels)
+                pname = f"_{pi.port.name}._{pi.port.protocol}.{name}".lower()
                 w = max(1, 100 // len(port_srv))
                 for target, port in port_srv:
-                    self._add(pname, SRV, dns.rdtypes.IN.SRV.SRV(IN, SRV, 0, w, port, target))
+                    self._add(pname, SRV, (0, w, port, target))
             all_srv += [t for t in port_srv if t not in all_srv]
-        if all_srv:
-            w = max(1, 100 // len(all_srv))
-            for target, port in all_srv:
-                self._add(name, SRV, dns.rdtypes.IN.SRV.SRV(IN, SRV, 0, w, port, target))
-        # no ready endpoint: nothing was added under the name, so it does not
-        # exist (the spec's NXDOMAIN); ep_names kept one A per distinct IP
+        w = max(1, 100 // max(1, len(all_srv)))
+        for target, port in all_srv:
+            self._add(name, SRV, (0, w, port, target))
 
     # -- answering -----------------------------------------------------------
 
-    def is_ours(self, name):
-        return name.is_subdomain(self.origin) or _key(name) in self.ptr
+    @staticmethod
+    def key(name):
+        """dns.name.Name -> lookup key (ASCII-lowercase bytes), None for names
+        with a dot inside a label (never ours)."""
+        labels = name.labels
+        for lb in labels:
+            if b"." in lb:
+                return None
+        return b".".join(labels).lower()
 
-    def _rrset(self, owner, rdtype, rdatas, ttl=None):
+    def _in_zone(self, key):
+        return key == self.okey or key.endswith(self._osuffix)
+
+    def is_ours(self, name):
+        k = self.key(name)
+        return k is not None and (self._in_zone(k) or k in self.ptr)
+
+    def is_local(self, msg):
+        """True when answer(msg) needs neither forwarding nor the resolver
+        (the server answers those inline, the rest on worker threads)."""
+        if len(msg.question) != 1:
+            return True
+        k = self.key(msg.question[0].name)
+        return k is not None and (self._in_zone(k) or k in self.ptr) and k not in self.cnames
+
+    @staticmethod
+    def _name(key):
+        return dns.name.from_text(key.decode("ascii") if isinstance(key, bytes) else key)
+
+    def _rdata(self, rdtype, v):
+        if rdtype == A:
+            return dns.rdtypes.IN.A.A(IN, A, v)
+        if rdtype == SRV:
+            return dns.rdtypes.IN.SRV.SRV(IN, SRV, v[0], v[1], v[2], self._name(v[3]))
+        if rdtype == NS:
+            return dns.rdtypes.ANY.NS.NS(IN, NS, self._name(v))
+        if rdtype == PTR:
+            return dns.rdtypes.ANY.PTR.PTR(IN, PTR, self._name(v))
+        if rdtype == TXT:
+            return dns.rdtypes.ANY.TXT.TXT(IN, TXT, [v])
+        return v                                    # SOA: already rdata
+
+    def _rdatas(self, key, rdtype, raw):
+        ck = (key, rdtype)
+        rds = self._cache.get(ck)
+        if rds is None:                             # racing threads build the same list
+            rds = self._cache[ck] = [self._rdata(rdtype, v) for v in raw]
+        return rds
+
+    def _rrset(self, owner, rdtype, rdatas):
         rr = dns.rrset.RRset(owner, IN, rdtype)
-        ttl = self.ttl if ttl is None else ttl
         for rd in rdatas:
-            rr.add(rd, ttl)
+            rr.add(rd, self.ttl)
         return rr
 
     def _soa(self):
         return self._rrset(self.origin, SOA, [self.soa_rdata])
 
-    def _lookup(self, name):
-        """name inside the zone -> (exists, {rdtype: [rdata]})."""
-        k = _key(name)
-        recs = self.records.get(k)
+    def _lookup(self, key):
+        """key inside the zone -> (exists, {rdtype: [raw]})."""
+        recs = self.records.get(key)
         if recs is not None:
             return True, recs
-        if k in self.names:
+        if key in self.names:
             return True, {}
-        if self.pods:
-            rel = name.relativize(self.origin).labels
-            if len(rel) == 3 and rel[2].lower() == b"pod":
-                try:
-                    ip = _undashed(rel[0].decode("ascii").lower())
-                except UnicodeDecodeError:
-                    ip = None
-                if ip:
-                    return True, {A: [dns.rdtypes.IN.A.A(IN, A, ip)]}
-            elif len(rel) == 2 and rel[1].lower() == b"pod":
+        if self.pods and key.endswith(b".pod" + self._osuffix):
+            rel = key[:-len(b".pod" + self._osuffix)].split(b".")
+            if len(rel) == 2:
+                ip = _undashed(rel[0].decode("latin-1"))
+                if ip and rel[1]:
+                    return True, {A: [ip]}
+            elif len(rel) == 1 and rel[0]:
                 return True, {}
         return False, {}
 
@@ -318,14 +359,13 @@ class ClusterZone:
             if rr.rdtype not in (SRV, NS):
                 continue
             for rd in rr:
-                t = rd.target
-                k = _key(t)
-                if k in seen or not t.is_subdomain(self.origin):
+                k = self.key(rd.target)
+                if k in seen or not self._in_zone(k):
                     continue
                 seen.add(k)
                 a = self.records.get(k, {}).get(A)
                 if a:
-                    resp.additional.append(self._rrset(t, A, a))
+                    resp.additional.append(self._rrset(rd.target, A, self._rdatas(k, A, a)))
 
     def answer(self, msg, recursion=True):
         """Answer one query for the zone, or None: forward it upstream.
@@ -338,56 +378,56 @@ class ClusterZone:
         if q.rdtype in NO_QUESTION_TYPES:
             return _response(msg, dns.rcode.FORMERR, ra=recursion)
         qname, qtype = q.name, q.rdtype
-        if not self.is_ours(qname):
+        k = self.key(qname)
+        if k is None:
             return None
-        if q.rdclass != IN:
-            return _response(msg, dns.rcode.REFUSED, ra=recursion)
-        if qtype in TRANSFER_TYPES:
+        if not self._in_zone(k):
+            if k not in self.ptr or qtype not in (PTR, ANY) or q.rdclass != IN:
+                return None                     # not ours (reverse names of other IPs too)
+            resp = _response(msg, aa=True, ra=recursion)
+            resp.answer.append(self._rrset(qname, PTR, self._rdatas(k, PTR, self.ptr[k])))
+            return resp
+        if q.rdclass != IN or qtype in TRANSFER_TYPES:
             return _response(msg, dns.rcode.REFUSED, ra=recursion)
         resp = _response(msg, aa=True, ra=recursion)
-        if not qname.is_subdomain(self.origin):      # reverse name of a cluster IP
-            if qtype not in (PTR, ANY):
-                return None
-            resp.answer.append(self._rrset(qname, PTR, self.ptr[_key(qname)]))
-            return resp
-        self._resolve(resp, qname, qtype, recursion)
+        self._resolve(resp, qname, k, qtype, recursion)
         return resp
 
-    def _resolve(self, resp, qname, qtype, recursion):
-        owner, name, visited = qname, qname, set()
+    def _resolve(self, resp, owner, k, qtype, recursion):
+        visited = set()
         for depth in range(MAX_CHAIN + 1):
-            k = _key(name)
             target = self.cnames.get(k)
             if target is not None:
-                resp.answer.append(self._rrset(owner, CNAME, [dns.rdtypes.ANY.CNAME.CNAME(IN, CNAME, target)]))
+                tname = self._name(target)
+                resp.answer.append(self._rrset(owner, CNAME, [dns.rdtypes.ANY.CNAME.CNAME(IN, CNAME, tname)]))
                 visited.add(k)
-                if qtype in (CNAME, ANY) or _key(target) in visited or depth == MAX_CHAIN:
+                tk = target.encode()
+                if qtype in (CNAME, ANY) or tk in visited or depth == MAX_CHAIN:
                     return
-                if not target.is_subdomain(self.origin):
+                if not self._in_zone(tk):
                     if recursion and self.resolver is not None:
                         try:
-                            rrsets = self.resolver(target, qtype)
+                            rrsets = self.resolver(tname, qtype)
                         except Exception:            # the upstream is best effort here
                             log.exception("upstream lookup of %s failed", target)
                             rrsets = None
                         if rrsets:
                             resp.answer.extend(rrsets)
                     return
-                owner = name = target
+                owner, k = tname, tk
                 continue
-            exists, recs = self._lookup(name)
+            exists, recs = self._lookup(k)
             if not exists:
                 if depth == 0:
                     resp.set_rcode(dns.rcode.NXDOMAIN)
                 resp.authority.append(self._soa())   # in a chain: NODATA (coredns#6088)
                 return
-            if qtype == ANY:
-                found = [self._rrset(owner, t, rds) for t, rds in recs.items()]
-            else:
-                found = [self._rrset(owner, qtype, recs[qtype])] if recs.get(qtype) else []
-            if not found:
+            types = list(recs) if qtype == ANY else [qtype] if recs.get(qtype) else []
+            if not types:
                 resp.authority.append(self._soa())
                 return
+            found = [self._rrset(owner, t, self._rdatas(k, t, recs[t]) if k in self.records
+                                 else [self._rdata(t, v) for v in recs[t]]) for t in types]
             resp.answer.extend(found)
             self._additional(resp, found)
             return
@@ -412,9 +452,8 @@ class DNSServer:
         self.budget = FORWARD_BUDGET
         self.stats = dict.fromkeys(("queries", "udp", "tcp", "noerror", "nxdomain", "forwarded",
                                     "servfail", "refused", "formerr", "notimp", "truncated",
-                                    "dropped", "upstream_errors"), 0)
+                                    "dropped", "upstream_errors", "other"), 0)
         self._stats_lock = threading.Lock()
-        from .servicemap import ServiceMap
         self.zone = ClusterZone(ServiceMap(services={}), cfg, resolver=self._upstream_lookup)
         self._udp = self._tcp = None
         self._threads = []
@@ -502,18 +541,21 @@ class DNSServer:
             return False
         return any(a in n for n in self.allowed_sources)
 
-    def handle(self, wire, src_ip, tcp=False):
-        """Query bytes -> response bytes, or None (drop). Never raises."""
+    def handle(self, wire, src_ip, tcp=False, query=None):
+        """Query bytes -> response bytes, or None (drop). Never raises.
+        query: wire already parsed (by the UDP loop)."""
         self._count("queries")
         self._count("tcp" if tcp else "udp")
         try:
-            return self._handle(wire, src_ip, tcp)
+            return self._handle(wire, src_ip, tcp, query)
         except Exception:
             log.exception("answering a query from %s failed", src_ip)
             self._count("servfail")
             return error_from_header(wire, dns.rcode.SERVFAIL)
 
-    def _handle(self, wire, src_ip, tcp):
+    def _handle(self, wire, src_ip, tcp, q):
+        if q is not None:
+            return self._answer(q, src_ip, tcp)
         if len(wire) < 12:
             self._count("dropped")
             return None
@@ -529,6 +571,9 @@ class DNSServer:
         except Exception:                  # dns.exception.* and anything odd in rdata parsing
             self._count("formerr")
             return error_from_header(wire, dns.rcode.FORMERR)
+        return self._answer(q, src_ip, tcp)
+
+    def _answer(self, q, src_ip, tcp):
         if q.edns > 0:                     # RFC 6891: only version 0
             r = _response(q)
             r.use_edns(0, 0, OUR_PAYLOAD)
@@ -629,19 +674,35 @@ class DNSServer:
                     return
                 time.sleep(0.01)         # e.g. ECONNREFUSED left over from an ICMP error
                 continue
+            # zone answers inline (microseconds); what may wait on the upstream
+            # goes to the workers, so a dead upstream never delays the zone
+            q = None
+            if len(wire) >= 12 and not wire[2] & 0x80 and (wire[2] >> 3) & 0xF == dns.opcode.QUERY:
+                try:
+                    q = dns.message.from_wire(wire)
+                except Exception:
+                    q = None       # handle() answers FORMERR
+            if q is None or self.zone.is_local(q):
+                out = self.handle(wire, addr[0], tcp=False, query=q)
+                if out is not None:
+                    try:
+                        sock.sendto(out, addr)
+                    except OSError as e:
+                        log.debug("udp reply to %s: %s", addr, e)
+                continue
             with self._lock:
                 if self._pending >= UDP_MAX_PENDING:
                     self._count("dropped")
                     continue
                 self._pending += 1
             try:
-                self._pool.submit(self._udp_one, sock, wire, addr)
+                self._pool.submit(self._udp_one, sock, wire, addr, q)
             except RuntimeError:          # pool shut down
                 return
 
-    def _udp_one(self, sock, wire, addr):
+    def _udp_one(self, sock, wire, addr, q):
         try:
-            out = self.handle(wire, addr[0], tcp=False)
+            out = self.handle(wire, addr[0], tcp=False, query=q)
             if out is not None:
                 try:
                     sock.sendto(out, addr)

@@ -269,7 +269,7 @@ def test_srv_for_named_ports_of_a_clusterip_service(zone):
     assert rdatas(r, "SRV") == ["0 100 53 web.default.svc.cluster.local."]
     # the SRV name exists, other types are NODATA; unnamed ports have no SRV name
     assert is_nodata(ask(zone, "_http._tcp.web.default.svc.cluster.local", "A"))
-    assert is_nodata(ask(zone, "_tcp.plain.default.svc.cluster.local", "SRV")) is False
+    assert is_nxdomain(ask(zone, "_tcp.plain.default.svc.cluster.local", "SRV"))
 
 
 def test_headless_srv_per_ready_endpoint(zone):
@@ -640,9 +640,19 @@ def test_server_forwarding_timeout_budget(tmp_path):
     sink.bind(("127.0.0.1", 0))
     srv = start_server(tmp_path, sink.getsockname()[1])
     try:
+        import threading
+        slow = []
+        th = threading.Thread(target=lambda: slow.append(udp(srv, "slow.example")))
+        th.start()
+        time.sleep(0.2)
+        t0 = time.monotonic()       # the zone is answered while a forward waits
+        assert rdatas(udp(srv, "web.default.svc.cluster.local")) == ["10.96.100.100"]
+        assert time.monotonic() - t0 < 0.5
         t0 = time.monotonic()
         assert udp(srv, "google.com").rcode() == dns.rcode.SERVFAIL
         assert 1.5 < time.monotonic() - t0 < 3.5
+        th.join()
+        assert slow[0].rcode() == dns.rcode.SERVFAIL
     finally:
         srv.close()
         sink.close()
@@ -673,7 +683,7 @@ def test_server_survives_malformed_input(tmp_path):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.settimeout(2)
         junk = [b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07exa",      # cut in the question
-                b"\xab\xcd" + b"\xff" * 40,                                       # garbage
+                b"\xab\xcd\x01\x00" + b"\xff" * 40,                               # garbage after the header
                 b"\x00\x01\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\xc0\x0c\x00\x01\x00\x01"]  # pointer loop
         for w in junk:
             s.sendto(w, ("127.0.0.1", srv.port))
@@ -703,7 +713,7 @@ def test_server_survives_malformed_input(tmp_path):
         s.close()
         # garbage over TCP, then a good query on a new connection
         with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as c:
-            c.sendall(struct.pack("!H", 20) + b"\x55" * 20)
+            c.sendall(struct.pack("!H", 20) + b"\x55\x55\x01\x00" + b"\x55" * 16)
             n = struct.unpack("!H", c.recv(2, socket.MSG_WAITALL))[0]
             assert dns.message.from_wire(c.recv(n, socket.MSG_WAITALL)).rcode() == dns.rcode.FORMERR
         with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as c:

@@ -1,0 +1,101 @@
+"""ICMP through the fast path: echo to a VIP, errors about tracked flows
+translated (outer and inner headers, all checksums valid)."""
+import ipaddress
+
+import pytest
+from scapy.all import ICMP, IP, TCP, UDP, IPerror, TCPerror, UDPerror, raw
+
+from engine import _fastpath
+
+ip = lambda s: int(ipaddress.IPv4Address(s))
+VIP, CLIENT, BACKEND, MASQ = "10.96.0.1", "192.168.50.2", "10.244.1.2", "169.254.100.1"
+
+
+@pytest.fixture
+def dp():
+    t = _fastpath.Tables([dict(name="t", vip=ip(VIP), port=80, proto=6, backends=[(ip(BACKEND), 8080)]),
+                          dict(name="u", vip=ip(VIP), port=53, proto=17, backends=[(ip(BACKEND), 5353)])],
+                         vips=[ip(VIP)], drop_cidrs=[(ip("10.96.0.0"), 12)])
+    return _fastpath.Dataplane(ip(MASQ), tables=t, max_flows=64)
+
+
+def valid(pkt_bytes):
+    """Every checksum scapy can recompute equals the one we wrote."""
+    p = IP(pkt_bytes)
+    q = IP(pkt_bytes)
+    del q.chksum
+    if ICMP in q:
+        del q[ICMP].chksum
+    if IPerror in q:
+        del q[IPerror].chksum
+    return raw(IP(raw(q))) == pkt_bytes or (p, IP(raw(q)))
+
+
+def test_echo_to_vip_is_answered(dp):
+    req = IP(src=CLIENT, dst=VIP, ttl=63) / ICMP(type=8, id=7, seq=3) / b"ping-payload"
+    v, _, out = dp.process(raw(req), 1)
+    assert v == "reply"
+    o = IP(out)
+    assert (o.src, o.dst, o[ICMP].type, o[ICMP].id, o[ICMP].seq) == (VIP, CLIENT, 0, 7, 3)
+    assert bytes(o[ICMP].payload) == b"ping-payload"
+    assert valid(out) is True
+
+
+def test_echo_elsewhere_is_dropped(dp):
+    assert dp.process(raw(IP(src=CLIENT, dst="10.96.9.9") / ICMP()), 1)[:2] == ("drop", "unallocated")
+    assert dp.process(raw(IP(src=CLIENT, dst=MASQ) / ICMP()), 1)[:2] == ("drop", "spoofed")
+
+
+def test_port_unreachable_from_backend_reaches_client(dp):
+    q = IP(src=CLIENT, dst=VIP) / UDP(sport=40000, dport=53) / b"query"
+    _, _, fwd = dp.process(raw(q), 1)
+    f = IP(fwd)
+    err = IP(src=BACKEND, dst=MASQ) / ICMP(type=3, code=3) / raw(f)[:28]
+    v, _, out = dp.process(raw(err), 1)
+    assert v == "forward"
+    o = IP(out)
+    assert (o.src, o.dst) == (VIP, CLIENT)
+    inner = o[IPerror]
+    assert (inner.src, inner.dst, o[UDPerror].sport, o[UDPerror].dport) == (CLIENT, VIP, 40000, 53)
+    assert valid(out) is True
+
+
+def test_frag_needed_from_a_router_keeps_router_source_and_mtu(dp):
+    s = IP(src=CLIENT, dst=VIP) / TCP(sport=40001, dport=80, flags="S")
+    _, _, fwd = dp.process(raw(s), 1)
+    err = IP(src="10.244.9.1", dst=MASQ) / ICMP(type=3, code=4, nexthopmtu=1400) / raw(IP(fwd))[:48]
+    v, _, out = dp.process(raw(err), 1)
+    assert v == "forward"
+    o = IP(out)
+    assert (o.src, o.dst, o[ICMP].nexthopmtu) == ("10.244.9.1", CLIENT, 1400)
+    assert (o[IPerror].src, o[IPerror].dst, o[TCPerror].sport, o[TCPerror].dport) == (CLIENT, VIP, 40001, 80)
+    assert valid(out) is True
+
+
+def test_time_exceeded_from_client_side_reaches_backend(dp):
+    q = IP(src=CLIENT, dst=VIP) / UDP(sport=40002, dport=53) / b"q"
+    _, _, fwd = dp.process(raw(q), 1)
+    f = IP(fwd)
+    reply = IP(src=BACKEND, dst=MASQ) / UDP(sport=5353, dport=f[UDP].sport) / b"answer"
+    _, _, back = dp.process(raw(reply), 1)
+    err = IP(src=CLIENT, dst=VIP) / ICMP(type=11, code=0) / raw(IP(back))
+    v, _, out = dp.process(raw(err), 1)
+    assert v == "forward"
+    o = IP(out)
+    assert (o.src, o.dst) == (MASQ, BACKEND)
+    assert (o[IPerror].src, o[IPerror].dst, o[UDPerror].sport, o[UDPerror].dport) == (BACKEND, MASQ, 5353, f[UDP].sport)
+    assert valid(out) is True
+
+
+def test_error_about_no_flow_is_dropped(dp):
+    bogus = IP(src=MASQ, dst=BACKEND) / UDP(sport=1111, dport=5353)
+    err = IP(src=BACKEND, dst=MASQ) / ICMP(type=3, code=3) / raw(bogus)
+    assert dp.process(raw(err), 1)[:2] == ("drop", "spoofed")
+
+
+@pytest.mark.parametrize("cut", [0, 8, 19, 27])
+def test_truncated_quote_is_malformed(dp, cut):
+    q = IP(src=CLIENT, dst=VIP) / UDP(sport=40003, dport=53)
+    _, _, fwd = dp.process(raw(q), 1)
+    err = IP(src=BACKEND, dst=MASQ) / ICMP(type=3, code=3) / raw(IP(fwd))[:cut]
+    assert dp.process(raw(err), 1)[:2] == ("drop", "malformed")
