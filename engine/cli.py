@@ -9,9 +9,12 @@ import sys
 import threading
 
 from . import config as config_mod
-from . import servicemap
+from . import servicemap, views
 
 log = logging.getLogger("engine")
+
+WATCH_INTERVAL = 0.25       # seconds between checks of the watched files
+DEFAULT_SOCKET = "/run/engine/engine.sock"
 
 
 def _load(path):
@@ -20,59 +23,24 @@ def _load(path):
     return cfg, smap
 
 
-def _table(rows):
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("   ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
-
-
-def format_services(smap):
-    """One line per service, as `kubectl get svc -A` prints them."""
-    rows = [("NAMESPACE", "NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)")]
-    for info in smap.services.values():
-        s = info.svc
-        if s.type == "ExternalName":
-            cip, ext = "<none>", s.external_name
-        else:
-            cip = info.cluster_ip
-            exts = ([info.ingress_ip] if info.ingress_ip else
-                    ["<pending>"] if s.type == "LoadBalancer" else []) + \
-                [e for e in s.external_ips if e != info.ingress_ip]
-            ext = ",".join(exts) or "<none>"
-        ports = ",".join(f"{p.port.port}:{p.node_port}/{p.port.protocol}" if p.node_port
-                         else f"{p.port.port}/{p.port.protocol}" for p in info.ports) or "<none>"
-        rows.append((s.namespace, s.name, s.type, cip, ext, ports))
-    return _table(rows)
-
-
-def format_endpoints(smap):
-    """As `kubectl get endpoints -A`: ready addresses per service."""
-    rows = [("NAMESPACE", "NAME", "ENDPOINTS")]
-    for info in smap.services.values():
-        if info.svc.type == "ExternalName":
-            continue
-        eps = []
-        for p in info.ports:
-            eps += [f"{e.ip}:{e.port}" for e in p.usable if f"{e.ip}:{e.port}" not in eps]
-        rows.append((info.svc.namespace, info.svc.name, ",".join(eps) or "<none>"))
-    return _table(rows)
-
-
 def cmd_check(args):
     cfg, smap = _load(args.config)
     for n in cfg.notes:
         print(f"note: {n}", file=sys.stderr)
     for w in smap.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    print(format_services(smap))
+    print(views.services(smap))
     print()
-    print(format_endpoints(smap))
+    print(views.endpoints(smap))
     return 0
 
 
 def cmd_run(args):
-    from .control import HTTPEndpoint
+    from .control import ControlServer, HTTPEndpoint
     from .dataplane import Engine
     cfg = config_mod.load(args.config)
+    if args.control_socket:
+        cfg.engine.control_socket = args.control_socket
     for n in cfg.notes:
         log.info("%s", n)
     eng = Engine(cfg)
@@ -81,27 +49,85 @@ def cmd_run(args):
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     signal.signal(signal.SIGINT, lambda *a: stop.set())
     signal.signal(signal.SIGHUP, lambda *a: reload_.set())
-    http = []
+    servers = []
     try:
         for bind in {cfg.engine.healthz_bind_address, cfg.engine.metrics_bind_address} - {None}:
-            http.append(HTTPEndpoint(eng, bind).start())
+            servers.append(HTTPEndpoint(eng, bind).start())
         eng.start()
+        if cfg.engine.control_socket:
+            servers.append(ControlServer(eng, cfg.engine.control_socket).start())
         log.info("engine running (pid %d); SIGTERM or SIGINT stops it, SIGHUP reloads", os.getpid())
         while not stop.is_set():
-            stop.wait(0.5)
-            if reload_.is_set():
-                reload_.clear()
-                try:
-                    eng.sync(config_mod.load(args.config))
-                    log.info("reloaded %s", args.config)
-                except config_mod.ConfigError as e:
-                    log.error("reload refused, running table unchanged: %s", e)
+            stop.wait(WATCH_INTERVAL)
+            try:
+                if reload_.is_set():
+                    reload_.clear()
+                    eng.reload()
+                    log.info("reloaded %s (SIGHUP)", args.config)
+                elif eng.watch_once():
+                    log.info("reloaded %s (files changed)", args.config)
+            except config_mod.ConfigError as e:
+                log.error("reload refused, running table unchanged: %s", e)
     finally:
+        for srv in servers:
+            srv.close()
         eng.stop()
-        for h in http:
-            h.close()
         log.info("engine stopped; TUN, routes and sysctls restored")
     return 0
+
+
+def _control(args, req):
+    from .control import request
+    try:
+        resp = request(args.socket, req)
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"error: no engine is listening on {args.socket}", file=sys.stderr)
+        return 1
+    except PermissionError:
+        print(f"error: {args.socket}: permission denied (the control socket is root-only)", file=sys.stderr)
+        return 1
+    if not resp.get("ok"):
+        print(f"error: {resp.get('error')}", file=sys.stderr)
+        return 1
+    print(resp["text"])
+    return 0
+
+
+def _read_file(path):
+    if path == "-":
+        return sys.stdin.read(), "<stdin>"
+    with open(path, encoding="utf-8") as f:
+        return f.read(), os.path.abspath(path)
+
+
+def cmd_get(args):
+    return _control(args, {"cmd": "get", "what": args.resource})
+
+
+def cmd_describe(args):
+    if args.resource not in ("svc", "service", "services"):
+        print(f"error: can describe svc only, not {args.resource!r}", file=sys.stderr)
+        return 1
+    return _control(args, {"cmd": "describe", "name": args.name, "namespace": args.namespace})
+
+
+def cmd_conntrack(args):
+    filters = {k: getattr(args, k) for k in ("proto", "src", "dst", "sport", "dport", "service")
+               if getattr(args, k) is not None}
+    return _control(args, {"cmd": "conntrack", "filters": filters})
+
+
+def cmd_stats(args):
+    return _control(args, {"cmd": "stats"})
+
+
+def cmd_apply(args, delete=False):
+    try:
+        text, name = _read_file(args.filename)
+    except OSError as e:
+        print(f"error: {args.filename}: {e.strerror}", file=sys.stderr)
+        return 1
+    return _control(args, {"cmd": "delete" if delete else "apply", "text": text, "name": name})
 
 
 def cmd_demo(args):
@@ -115,15 +141,41 @@ def main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the engine in the foreground")
     r.add_argument("config")
+    r.add_argument("--control-socket", help="overrides controlSocket of the configuration")
     c = sub.add_parser("check", help="validate a configuration and print the resolved table")
     c.add_argument("config")
     d = sub.add_parser("demo", help="play the seed walkthrough in a namespace lab")
     d.add_argument("--requests", type=int, default=60)
+
+    def control_parser(name, help_):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--socket", default=DEFAULT_SOCKET, help="control socket of the running engine")
+        return sp
+    g = control_parser("get", "list services or endpoints (kubectl get)")
+    g.add_argument("resource", choices=["svc", "service", "services", "endpoints", "ep"])
+    ds = control_parser("describe", "show one service in detail (kubectl describe)")
+    ds.add_argument("resource")
+    ds.add_argument("name")
+    ds.add_argument("-n", "--namespace", default="default")
+    ct = control_parser("conntrack", "list tracked flows (conntrack -L)")
+    ct.add_argument("-p", "--proto", choices=["tcp", "udp"])
+    ct.add_argument("-s", "--src")
+    ct.add_argument("-d", "--dst")
+    ct.add_argument("--sport", type=int)
+    ct.add_argument("--dport", type=int)
+    ct.add_argument("--service", help="namespace/name[:port] prefix")
+    control_parser("stats", "fast-path counters")
+    ap = control_parser("apply", "create or replace objects in the running engine")
+    ap.add_argument("-f", "--filename", required=True)
+    de = control_parser("delete", "remove objects from the running engine")
+    de.add_argument("-f", "--filename", required=True)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        return {"run": cmd_run, "check": cmd_check, "demo": cmd_demo}[args.cmd](args)
+        return {"run": cmd_run, "check": cmd_check, "demo": cmd_demo, "get": cmd_get,
+                "describe": cmd_describe, "conntrack": cmd_conntrack, "stats": cmd_stats,
+                "apply": cmd_apply, "delete": lambda a: cmd_apply(a, delete=True)}[args.cmd](args)
     except config_mod.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

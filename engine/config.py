@@ -45,6 +45,7 @@ class DNSConfig:
     upstream: list = field(default_factory=list)
     ttl: int = 5
     port: int = 53
+    bind_address: Optional[str] = None     # local address the server listens on; default masqueradeIP + 1
 
 
 @dataclass
@@ -205,7 +206,9 @@ def parse_engine(doc, where):
             raise ConfigError(where, "scheduler", f"unknown scheduler {c.scheduler!r} (one of {', '.join(SCHEDULERS)})")
     if "dns" in doc:
         d = _map(where, "dns", doc["dns"])
-        _check_keys(where, "dns", d, {"clusterIP", "domain", "upstream", "ttl", "port"})
+        _check_keys(where, "dns", d, {"clusterIP", "domain", "upstream", "ttl", "port", "bindAddress"})
+        if d.get("bindAddress"):
+            c.dns.bind_address = _ipv4(where, "dns.bindAddress", d["bindAddress"])
         if "clusterIP" in d:
             c.dns.cluster_ip = None if d["clusterIP"] in (None, "", "None") else _ipv4(where, "dns.clusterIP", d["clusterIP"])
         if "domain" in d:
@@ -513,6 +516,52 @@ def _objects(doc, file, cfg, engine_docs):
     else:
         name = (doc.get("metadata") or {}).get("name", "?") if isinstance(doc.get("metadata"), dict) else "?"
         cfg.notes.append(f"{file}: {kind} {name}: ignored (the engine routes Services, Pods, EndpointSlices and Endpoints)")
+
+
+def parse_text(text, name):
+    """Objects of a YAML stream that is not the configuration file (engine
+    apply/delete): a Config holding only them."""
+    if len(text) > MAX_FILE_BYTES:
+        raise ConfigError(name, "", f"{len(text)} bytes, larger than the {MAX_FILE_BYTES} allowed")
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(name, "", f"invalid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    except RecursionError:
+        raise ConfigError(name, "", "invalid YAML: nested too deeply") from None
+    cfg = Config(engine=EngineConfig(), services=[], pods=[], slices=[])
+    inner = []
+    for doc in docs:
+        _objects(doc, name, cfg, inner)
+    if inner:
+        raise ConfigError(name, "", "EngineConfiguration can only change in the configuration file")
+    _check_duplicates(cfg)
+    return cfg
+
+
+def object_key(o):
+    """(kind, namespace, name) of a parsed object; slices of one Endpoints
+    object share the Endpoints' key."""
+    kind = o.source.kind if o.source else type(o).__name__
+    name = o.source.name if o.source else o.name
+    return (kind, o.namespace, name)
+
+
+def merge(base, overrides):
+    """base with overrides applied: key -> object list (replace) or None (delete)."""
+    out = Config(engine=base.engine, services=[], pods=[], slices=[], path=base.path,
+                 files=base.files, notes=base.notes)
+    for attr in ("services", "pods", "slices"):
+        for o in getattr(base, attr):
+            if object_key(o) not in overrides:
+                getattr(out, attr).append(o)
+    for objs in overrides.values():
+        for o in objs or ():
+            {"Service": out.services, "Pod": out.pods}.get(o.source.kind, out.slices).append(o)
+    _check_duplicates(out)
+    return out
 
 
 def load(path, extra_files=()):

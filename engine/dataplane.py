@@ -13,6 +13,8 @@ import threading
 import time
 
 from . import _fastpath, compiler, servicemap
+from . import config as config_mod
+from .config import ConfigError
 from .tun import Tun
 
 log = logging.getLogger("engine.dataplane")
@@ -34,6 +36,13 @@ class Engine:
         self.tun = None
         self.smap = None
         self.state = compiler.CompileState()
+        self.dns = None
+        self.dns_bind = cfg.engine.dns.bind_address or \
+            str(ipaddress.IPv4Address(cfg.engine.masquerade_ip) + 1)
+        self.base = cfg                 # objects from the files
+        self.overrides = {}             # engine apply/delete: key -> [objects] | None
+        self.lock = threading.RLock()   # one sync at a time
+        self._stamps = None
         self.programmed = False
         self.last_sync_wall = None
         self.sync_seconds = 0.0
@@ -50,6 +59,10 @@ class Engine:
         try:
             self.tun.open(queues=self.queues, vnet=True)
             self.tun.enable_forwarding()
+            if eng.dns.cluster_ip:
+                self.tun.add_address(self.dns_bind)
+                from .dns import DNSServer
+                self.dns = DNSServer(eng.dns, self.dns_bind, eng.dns.port).start()
             self.sync(self.cfg)             # program before traffic is steered in
             self.tun.add_route(eng.service_cidr)
             self.tun.add_route(f"{eng.masquerade_ip}/32")
@@ -78,6 +91,8 @@ class Engine:
         self._stop.set()
         for th in self._workers:
             th.join(timeout=2)
+        if self.dns:
+            self.dns.close()
         if self.tun:
             self.tun.close()
         self.programmed = False
@@ -87,14 +102,24 @@ class Engine:
     def sync(self, cfg):
         """Build and swap in the tables for cfg; raises (and changes nothing)
         when cfg is bad."""
+        with self.lock:
+            return self._sync(cfg)
+
+    def _sync(self, cfg):
         t0 = time.perf_counter()
         previous = self.smap.allocations() if self.smap else None
         smap = servicemap.build(cfg, previous)
         node_addrs = self.node_port_addresses(cfg.engine)
-        tables = compiler.compile_tables(smap, cfg.engine, node_addrs=node_addrs, state=self.state)
+        try:
+            tables = compiler.compile_tables(smap, cfg.engine, node_addrs=node_addrs, state=self.state,
+                                             extra=self.dns_rows(cfg.engine))
+        except ValueError as e:        # e.g. two services claiming one external IP:port
+            raise ConfigError(cfg.path or "config", "", str(e)) from None
         self.fp.swap(tables)
         if self.tun:
             self._steer(cfg.engine, smap, node_addrs)
+        if self.dns:
+            self.dns.update(smap)
         old = self.smap
         self.cfg, self.smap = cfg, smap
         self._cleanup_stale_udp(old, smap)
@@ -104,6 +129,85 @@ class Engine:
         for w in smap.warnings:
             log.warning("%s", w)
         return smap
+
+    def dns_rows(self, eng):
+        """Cluster DNS is a service like any other: its VIP, UDP and TCP 53,
+        leads to the engine's own server on the TUN's address."""
+        if not eng.dns.cluster_ip:
+            return []
+        vip = int(ipaddress.IPv4Address(eng.dns.cluster_ip))
+        be = [(int(ipaddress.IPv4Address(self.dns_bind)), eng.dns.port)]
+        return [dict(name="kube-system/kube-dns:dns", vip=vip, port=53, proto=17, backends=be, scheduler=0),
+                dict(name="kube-system/kube-dns:dns-tcp", vip=vip, port=53, proto=6, backends=be, scheduler=0)]
+
+    # -- live changes ---------------------------------------------------------------
+
+    # settings that shape the TUN and routes: a change needs a restart
+    RESTART_FIELDS = ("tun_name", "service_cidr", "masquerade_ip", "load_balancer_cidr",
+                      "node_port_range", "metrics_bind_address", "healthz_bind_address",
+                      "control_socket")
+
+    def reload(self):
+        """Re-read the configuration files and apply them. A bad change is
+        refused (ConfigError) and the running table stays as it was."""
+        with self.lock:
+            cfg = config_mod.load(self.base.path)
+            cfg.engine.control_socket = self.base.engine.control_socket     # may come from the command line
+            for f in self.RESTART_FIELDS:
+                if getattr(cfg.engine, f) != getattr(self.base.engine, f):
+                    raise ConfigError(self.base.path, f, "changes only on restart; reload refused")
+            if cfg.engine.conntrack != self.base.engine.conntrack:
+                self.fp.set_timeouts(timeouts_from(cfg.engine.conntrack))
+            self.sync(config_mod.merge(cfg, self.overrides))
+            self.base = cfg
+            self._stamps = self._file_stamps()
+
+    def apply(self, text, name, delete=False):
+        """engine apply/delete -f: objects in text replace (or remove) those
+        with the same kind, namespace and name. Returns one line per object."""
+        with self.lock:
+            objs = config_mod.parse_text(text, name)
+            changes = {}
+            for o in objs.services + objs.pods + objs.slices:
+                changes.setdefault(config_mod.object_key(o), []).append(o)
+            overrides = dict(self.overrides)
+            for key, group in changes.items():
+                overrides[key] = None if delete else group
+            self.sync(config_mod.merge(self.base, overrides))
+            self.overrides = overrides
+            verb = "deleted" if delete else "configured"
+            return [f"{kind.lower()}/{n} {verb}" for kind, ns, n in changes] + \
+                [f"note: {x}" for x in objs.notes]
+
+    def _file_stamps(self):
+        """What the watcher compares: each file's (mtime, size), and the
+        listing of each manifests folder (a new file is a change)."""
+        import os
+        stamps = {}
+        paths = list(self.base.files)
+        for entry in self.base.engine.manifests:
+            d = entry if os.path.isabs(entry) else os.path.join(os.path.dirname(self.base.path), entry)
+            if os.path.isdir(d):
+                stamps[d] = tuple(sorted(os.listdir(d)))
+        for f in paths:
+            try:
+                st = os.stat(f)
+                stamps[f] = (st.st_mtime_ns, st.st_size)
+            except OSError:
+                stamps[f] = None
+        return stamps
+
+    def watch_once(self):
+        """Reload if a watched file changed; returns True when it did."""
+        stamps = self._file_stamps()
+        if self._stamps is None:
+            self._stamps = stamps
+            return False
+        if stamps == self._stamps:
+            return False
+        self._stamps = stamps
+        self.reload()
+        return True
 
     def node_port_addresses(self, eng):
         """Node addresses on which node ports answer: every address of the

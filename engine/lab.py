@@ -167,6 +167,7 @@ class Lab:
         self.ready_timeout = ready_timeout
         self._namespaces = []     # every ns we created, in creation order
         self._procs = []          # every Popen we started
+        self._etc_dirs = []       # /etc/netns/<ns> folders we made
         self._next_pod = 1
         self._next_link = 0
         self._lock_fd = None
@@ -217,6 +218,9 @@ class Lab:
             _kill_ns_pids(ns)  # also processes others started in our namespaces
             _ip("netns", "del", ns, check=False)
         self._namespaces = []
+        for d in self._etc_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        self._etc_dirs = []
         self.pods = []
         self.hosts = {}
         if self._logdir:
@@ -369,6 +373,15 @@ class Lab:
         """True if ip answers one ICMP echo from ns (uses python; ping may be absent)."""
         r = self.python(ns, _PING, ip, timeout, timeout=timeout + 10)
         return r.returncode == 0
+
+    def set_resolv_conf(self, ns, text):
+        """resolv.conf for processes started in ns: `ip netns exec` bind-mounts
+        /etc/netns/<ns>/resolv.conf over /etc/resolv.conf. Removed by down()."""
+        d = os.path.join("/etc/netns", ns)
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "resolv.conf"), "w") as f:
+            f.write(text)
+        self._etc_dirs.append(d)
 
     # ---- the engine under test --------------------------------------------------
 
@@ -549,7 +562,9 @@ class EngineProc:
         self.path = path
         self.log_path = path + ".log"
         self._log = open(self.log_path, "wb")
-        self.proc = lab.popen(lab.node_ns, [sys.executable, "-m", "engine", *args, "run", path],
+        self.socket = path + ".sock"
+        self.proc = lab.popen(lab.node_ns, [sys.executable, "-m", "engine", *args, "run", path,
+                                            "--control-socket", self.socket],
                               stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                               cwd=REPO_ROOT)
         self.healthz = healthz
@@ -571,6 +586,12 @@ class EngineProc:
     def log(self):
         with open(self.log_path, errors="replace") as f:
             return f.read()
+
+    def ctl(self, *argv, input=None):
+        """Run `engine ARGV --socket <this engine's socket>` (get, describe,
+        conntrack, stats, apply, delete); returns the CompletedProcess."""
+        return subprocess.run([sys.executable, "-m", "engine", *argv, "--socket", self.socket],
+                              capture_output=True, text=True, input=input, cwd=REPO_ROOT, timeout=60)
 
     def send(self, sig):
         self.proc.send_signal(sig)

@@ -109,6 +109,12 @@ class Tun:
         except NetlinkError:
             pass
 
+    def add_address(self, ip):
+        """A /32 of the engine's own on the TUN (the cluster DNS listens there:
+        packets the fast path DNATs to it are delivered locally)."""
+        self.ipr.addr("add", index=self.index, address=ip, prefixlen=32)
+        self._undo.append(lambda: self._quiet(self.ipr.addr, "del", index=self.index, address=ip, prefixlen=32))
+
     def set_routes(self, cidrs):
         """Keep exactly these extra routes into the TUN (LoadBalancer and
         external IPs outside the routed ranges); diff against the last call."""

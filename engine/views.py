@@ -1,0 +1,153 @@
+"""What the engine shows people: kubectl-, conntrack- and ipvsadm-like text."""
+from __future__ import annotations
+
+import ipaddress
+
+from .compiler import SCHEDULER_ANNOTATION
+
+PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp"}
+
+
+def table(rows):
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("   ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _ports(info):
+    return ",".join(f"{p.port.port}:{p.node_port}/{p.port.protocol}" if p.node_port
+                    else f"{p.port.port}/{p.port.protocol}" for p in info.ports) or "<none>"
+
+
+def _external(info):
+    s = info.svc
+    if s.type == "ExternalName":
+        return s.external_name
+    exts = ([info.ingress_ip] if info.ingress_ip else ["<pending>"] if s.type == "LoadBalancer" else []) \
+        + [e for e in s.external_ips if e != info.ingress_ip]
+    return ",".join(exts) or "<none>"
+
+
+def services(smap):
+    """One line per service, as `kubectl get svc -A` prints them."""
+    rows = [("NAMESPACE", "NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)")]
+    for info in smap.services.values():
+        s = info.svc
+        cip = "<none>" if s.type == "ExternalName" else info.cluster_ip
+        rows.append((s.namespace, s.name, s.type, cip, _external(info), _ports(info)))
+    return table(rows)
+
+
+def _ready_eps(info):
+    eps = []
+    for p in info.ports:
+        eps += [f"{e.ip}:{e.port}" for e in p.usable if f"{e.ip}:{e.port}" not in eps]
+    return eps
+
+
+def endpoints(smap):
+    """As `kubectl get endpoints -A`: the addresses that take new flows."""
+    rows = [("NAMESPACE", "NAME", "ENDPOINTS")]
+    for info in smap.services.values():
+        if info.svc.type != "ExternalName":
+            rows.append((info.svc.namespace, info.svc.name, ",".join(_ready_eps(info)) or "<none>"))
+    return table(rows)
+
+
+def describe_service(eng, name, namespace="default"):
+    """As `kubectl describe svc NAME`."""
+    info = eng.smap.services.get(f"{namespace}/{name}")
+    if info is None:
+        raise KeyError(f'services "{name}" not found in namespace {namespace}')
+    s = info.svc
+    sched = s.annotations.get(SCHEDULER_ANNOTATION, eng.cfg.engine.scheduler)
+    lines = [
+        ("Name", s.name), ("Namespace", s.namespace),
+        ("Annotations", ", ".join(f"{k}: {v}" for k, v in sorted(s.annotations.items())) or "<none>"),
+        ("Selector", ",".join(f"{k}={v}" for k, v in sorted((s.selector or {}).items())) or "<none>"),
+        ("Type", s.type),
+    ]
+    if s.type == "ExternalName":
+        lines.append(("External Name", s.external_name))
+    else:
+        lines.append(("IP", info.cluster_ip))
+        if info.ingress_ip or s.type == "LoadBalancer":
+            lines.append(("LoadBalancer Ingress", info.ingress_ip or "<pending>"))
+        if s.external_ips:
+            lines.append(("External IPs", ",".join(s.external_ips)))
+    ids = eng.state.services.ids
+    counters = eng.fp.service_counters([ids[n] for n in (info.port_name(p) for p in info.ports) if n in ids])
+    for p in info.ports:
+        pn = p.port.name or "<unset>"
+        lines.append(("Port", f"{pn}  {p.port.port}/{p.port.protocol}"))
+        tp = p.port.target_port
+        lines.append(("TargetPort", f"{tp}/{p.port.protocol}"))
+        if p.node_port:
+            lines.append(("NodePort", f"{pn}  {p.node_port}/{p.port.protocol}"))
+        eps = [f"{e.ip}:{e.port}" for e in p.usable]
+        lines.append(("Endpoints", ",".join(eps) or "<none>"))
+        unready = [f"{e.ip}:{e.port}" + (" (terminating)" if e.terminating else "")
+                   for e in p.endpoints if e not in p.usable]
+        if unready:
+            lines.append(("NotReady", ",".join(unready)))
+        c = counters.get(ids.get(info.port_name(p)))
+        if c:
+            lines.append(("Traffic", f"{c['flows']} flows, {c['packets']} packets, {c['bytes']} bytes, "
+                                     f"{c['rejects']} refused, {c['denied']} denied"))
+    lines.append(("Session Affinity", s.session_affinity + (f" ({s.affinity_timeout}s)" if s.session_affinity == "ClientIP" else "")))
+    if s.type != "ExternalName":
+        lines.append(("Scheduler", sched))
+    if s.load_balancer_source_ranges:
+        lines.append(("LoadBalancer Source Ranges", ",".join(s.load_balancer_source_ranges)))
+    for w in info.warnings:
+        lines.append(("Warning", w))
+    lines.append(("Events", "<none>"))
+    width = max(len(k) for k, _ in lines) + 2
+    return "\n".join(f"{k + ':':<{width}}{v}" for k, v in lines)
+
+
+def _ip(n):
+    return str(ipaddress.IPv4Address(n))
+
+
+def conntrack(eng, filters):
+    """One line per flow, as `conntrack -L` prints them. Filters: proto,
+    src, dst, sport, dport (of the original direction), service."""
+    names = {i: n for n, i in eng.state.services.ids.items()}
+    want_proto = {"tcp": 6, "udp": 17}.get(str(filters.get("proto", "")).lower())
+    lines = []
+    for f in eng.fp.flows():
+        (osrc, osport, odst, odport), (rsrc, rsport, rdst, rdport) = f["orig"], f["reply"]
+        if want_proto and f["proto"] != want_proto:
+            continue
+        if filters.get("src") and _ip(osrc) != filters["src"]:
+            continue
+        if filters.get("dst") and _ip(odst) != filters["dst"]:
+            continue
+        if filters.get("sport") and osport != int(filters["sport"]):
+            continue
+        if filters.get("dport") and odport != int(filters["dport"]):
+            continue
+        svc = names.get(f["svc"], "?")
+        if filters.get("service") and not svc.startswith(filters["service"]):
+            continue
+        p = PROTO_NAMES.get(f["proto"], str(f["proto"]))
+        state = f["state"] if p == "tcp" else ("[UNREPLIED]" if f["state"] == "UNREPLIED" else "[ASSURED]")
+        lines.append(f"{p:<8}{f['proto']} {f['timeout']} {state} "
+                     f"src={_ip(osrc)} dst={_ip(odst)} sport={osport} dport={odport} "
+                     f"src={_ip(rsrc)} dst={_ip(rdst)} sport={rsport} dport={rdport} service={svc}")
+    lines.append(f"engine conntrack: {len(lines)} flow entries have been shown.")
+    return "\n".join(lines)
+
+
+def stats(eng):
+    c = eng.fp.counters()
+    rows = [("COUNTER", "VALUE")]
+    for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "flows", "max_flows", "flows_created",
+              "flows_expired", "flows_evicted", "rejects", "write_errors", "drops"):
+        rows.append((k, c[k]))
+    for r, n in c["drops_by_reason"].items():
+        rows.append((f"drops.{r}", n))
+    rows.append(("sync_seconds", f"{eng.sync_seconds:.6f}"))
+    rows.append(("syncs", eng.syncs))
+    rows.append(("services", len(eng.smap.services)))
+    return table(rows)
