@@ -186,10 +186,14 @@ NFT_RULES = """table ip kbench {{
 }}
 """
 
-# Sequential round trips from the client namespace; prints JSON percentiles.
+# Sequential round trips from the client namespace, alternating between the
+# targets (the path under test and the direct path to pod 1) sample by sample,
+# so both see the same moment of a noisy machine; prints JSON percentiles per
+# target.
 LATENCY_CLIENT = r"""
 import json, socket, sys, time
-ip, port, n, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+targets = [(t.rsplit(":", 1)[0], int(t.rsplit(":", 1)[1])) for t in sys.argv[1].split(",")]
+n, mode = int(sys.argv[2]), sys.argv[3]
 pc = time.perf_counter_ns
 
 def read_response(s, close):
@@ -208,38 +212,45 @@ def read_response(s, close):
                     if len(buf) >= h + 4 + ln:
                         return buf
 
-def once_keepalive(s):
+def connect(t):
+    s = socket.create_connection(t, timeout=5)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+def keepalive(s):
     s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
     if not read_response(s, False).startswith(b"HTTP/1.1 200"):
         raise SystemExit("bad response")
 
-def once_connect():
-    s = socket.create_connection((ip, port), timeout=5)
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def fresh(t):
+    s = connect(t)
     s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
     r = read_response(s, True)
     s.close()
     if not r.startswith(b"HTTP/1.1 200"):
         raise SystemExit("bad response")
 
-times = []
-if mode == "keepalive":
-    s = socket.create_connection((ip, port), timeout=5)
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    for i in range(n + 200):
-        t0 = pc(); once_keepalive(s); t1 = pc()
-        if i >= 200:
-            times.append(t1 - t0)
-    s.close()
-else:
-    for i in range(n + 100):
-        t0 = pc(); once_connect(); t1 = pc()
-        if i >= 100:
-            times.append(t1 - t0)
-        time.sleep(0.0002)
-times.sort()
-q = lambda p: times[min(len(times) - 1, int(p * len(times)))] / 1e3
-print(json.dumps({"p50": q(0.50), "p99": q(0.99), "mean": sum(times) / len(times) / 1e3, "n": len(times)}))
+times = [[] for _ in targets]
+warm = 200 if mode == "keepalive" else 50
+socks = [connect(t) for t in targets] if mode == "keepalive" else None
+for i in range(n + warm):
+    for j, t in enumerate(targets):
+        t0 = pc()
+        if socks:
+            keepalive(socks[j])
+        else:
+            fresh(t)
+        t1 = pc()
+        if i >= warm:
+            times[j].append(t1 - t0)
+        if not socks:
+            time.sleep(0.0002)
+out = []
+for ts in times:
+    ts.sort()
+    q = lambda p: ts[min(len(ts) - 1, int(p * len(ts)))] / 1e3
+    out.append({"p50": q(0.50), "p99": q(0.99), "mean": sum(ts) / len(ts) / 1e3, "n": len(ts)})
+print(json.dumps(out))
 """
 
 
@@ -252,6 +263,16 @@ def cpu_busy_seconds():
         v = [int(x) for x in f.readline().split()[1:]]
     user, nice, system, idle, iowait, irq, softirq = v[:7]
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def softnet_drops():
+    """Packets the kernel dropped because a CPU's input backlog was full
+    (netdev_max_backlog; veth and TUN writes queue there): /proc/net/softnet_stat."""
+    total = 0
+    with open("/proc/net/softnet_stat") as f:
+        for line in f:
+            total += int(line.split()[1], 16)
+    return total
 
 
 # --- the bench ------------------------------------------------------------------------
@@ -270,6 +291,11 @@ class Bench:
     # -- servers in the pods
     def start_servers(self):
         for pod in self.lab.pods:
+            # No TIME_WAIT sockets on the servers: nginx closes first, so one
+            # path's wrk leaves tens of thousands of them, and a NATed SYN that
+            # lands on one (source ports are reused; its timestamp is older) is
+            # dropped and retried after 1 s, stalling the next path's test.
+            self.lab._sysctl(pod.ns, "net.ipv4.tcp_max_tw_buckets", "0")
             d = os.path.join(self.tmp, pod.name)
             os.makedirs(d, exist_ok=True)
             conf = os.path.join(d, "nginx.conf")
@@ -383,14 +409,32 @@ class Bench:
         return {"gbps": s["bits_per_second"] / 1e9, "cpu_per_gb": (c1 - c0) / gb if gb else None,
                 "retransmits": d["end"]["sum_sent"].get("retransmits")}
 
+    def tun_drops(self):
+        r = self.lab.run(self.lab.node_ns, ["sh", "-c", "cat /sys/class/net/*/statistics/tx_dropped "
+                                            "2>/dev/null; true"])
+        # every device of the node namespace: only the TUN drops on tx here
+        return sum(int(x) for x in r.stdout.split() if x.isdigit())
+
+    def rcvbuf_errors(self):
+        """UDP datagrams the iperf3 server's socket had no room for (pod 1)."""
+        r = self.lab.run(self.lab.pods[0].ns, ["cat", "/proc/net/snmp"])
+        lines = [ln.split() for ln in r.stdout.splitlines() if ln.startswith("Udp:")]
+        if len(lines) < 2:
+            return 0
+        return int(dict(zip(lines[0][1:], lines[1][1:])).get("RcvbufErrors", 0))
+
     def udp_small(self, ip, port):
         time.sleep(0.3)
+        s0, t0, r0 = softnet_drops(), self.tun_drops(), self.rcvbuf_errors()
         d = self.iperf(ip, port, ["-u", "-l", "64", "-b", "0"])
+        s1, t1, r1 = softnet_drops(), self.tun_drops(), self.rcvbuf_errors()
         s = d["end"]["sum"]
         secs = s.get("seconds") or self.secs
         received = s["packets"] - s["lost_packets"]
         return {"pps": received / secs, "sent_pps": s["packets"] / secs,
-                "lost_percent": s.get("lost_percent")}
+                "lost_percent": s.get("lost_percent"),
+                "backlog_drops_pps": (s1 - s0) / secs, "node_tx_drops_pps": (t1 - t0) / secs,
+                "rcvbuf_drops_pps": (r1 - r0) / secs}
 
     def wrk(self, ip, port):
         time.sleep(0.3)
@@ -406,22 +450,32 @@ class Bench:
                 "non2xx": int(non2xx.group(1)) if non2xx else 0}
 
     def latency(self, ip, port, mode):
+        """p50/p99 of ip:port, and of the direct path measured alternately in
+        the same client: added_p50/added_p99 = path - direct."""
         time.sleep(0.2)
         n = self.lat_n if mode == "keepalive" else self.lat_n // 2
-        r = self.lab.python(self.lab.client_ns, LATENCY_CLIENT, ip, port, n, mode, timeout=120)
+        targets = f"{ip}:{port}" + ("" if ip == self.pod1 else f",{self.pod1}:80")
+        r = self.lab.python(self.lab.client_ns, LATENCY_CLIENT, targets, n, mode, timeout=180)
         if r.returncode != 0:
             raise RuntimeError(f"latency client ({mode}) to {ip}:{port}: {(r.stdout + r.stderr)[-300:]}")
-        return json.loads(r.stdout.strip().splitlines()[-1])
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        out = dict(res[0])
+        base = res[1] if len(res) > 1 else res[0]
+        out["direct_p50"], out["direct_p99"] = base["p50"], base["p99"]
+        out["added_p50"] = out["p50"] - base["p50"]
+        out["added_p99"] = out["p99"] - base["p99"]
+        return out
 
     def measure(self, mode):
         hip, hport, iip, iport, udp = self.targets(mode)
         out = {}
-        steps = [("tcp1", lambda: self.tcp_bulk(iip, iport, 1)),
+        # latency first, while the machine is quiet; wrk last
+        steps = [("lat_keepalive", lambda: self.latency(hip, hport, "keepalive")),
+                 ("lat_connect", lambda: self.latency(hip, hport, "connect")),
+                 ("tcp1", lambda: self.tcp_bulk(iip, iport, 1)),
                  ("tcp4", lambda: self.tcp_bulk(iip, iport, 4)),
                  ("udp", (lambda: self.udp_small(iip, iport)) if udp else None),
-                 ("cps", lambda: self.wrk(hip, hport)),
-                 ("lat_keepalive", lambda: self.latency(hip, hport, "keepalive")),
-                 ("lat_connect", lambda: self.latency(hip, hport, "connect"))]
+                 ("cps", lambda: self.wrk(hip, hport))]
         for name, fn in steps:
             if fn is None:
                 continue
@@ -449,6 +503,9 @@ def report(results, runs, quick, secs):
             ("TCP bulk, 4 streams (Gbit/s)", "tcp4", "gbps", False),
             ("UDP 64 B received (pkt/s)", "udp", "pps", False),
             ("UDP 64 B sent (pkt/s)", "udp", "sent_pps", False),
+            ("  dropped: CPU backlog full (pkt/s)", "udp", "backlog_drops_pps", True),
+            ("  dropped: node tx queues/TUN (pkt/s)", "udp", "node_tx_drops_pps", True),
+            ("  dropped: server socket full (pkt/s)", "udp", "rcvbuf_drops_pps", True),
             ("new TCP connections/s (wrk)", "cps", "cps", False),
             ("latency keep-alive p50 (us)", "lat_keepalive", "p50", True),
             ("latency keep-alive p99 (us)", "lat_keepalive", "p99", True),
@@ -460,34 +517,33 @@ def report(results, runs, quick, secs):
     for label, key, field, lower_better in spec:
         v = {m: collect(results, m, key, field) for m in MODES}
         figures[label] = v
+        diag = label.startswith("  ")      # a diagnostic row: no ratios
         rows.append([label, v["kernel"], v["haproxy"], v["engine"], v["direct"],
-                     fmt_ratio(ratio(v["engine"], v["kernel"])), fmt_ratio(ratio(v["engine"], v["haproxy"]))])
-    for label, key in (("added latency keep-alive p50 (us)", "lat_keepalive p50"),
-                       ("added latency keep-alive p99 (us)", "lat_keepalive p99"),
-                       ("added latency connect+req p50 (us)", "lat_connect p50"),
-                       ("added latency connect+req p99 (us)", "lat_connect p99")):
-        k, f = key.split()
-        # added = median over runs of (path - direct) within the same run
-        v = {}
-        for m in LB_MODES:
-            diffs = []
-            for run in results:
-                a, b = run.get(m, {}).get(k), run.get("direct", {}).get(k)
-                if isinstance(a, dict) and isinstance(b, dict) and f in a and f in b:
-                    diffs.append(a[f] - b[f])
-            v[m] = median(diffs)
+                     "" if diag else fmt_ratio(ratio(v["engine"], v["kernel"])),
+                     "" if diag else fmt_ratio(ratio(v["engine"], v["haproxy"]))])
+    for label, key, field in (("added latency keep-alive p50 (us)", "lat_keepalive", "added_p50"),
+                              ("added latency keep-alive p99 (us)", "lat_keepalive", "added_p99"),
+                              ("added latency connect+req p50 (us)", "lat_connect", "added_p50"),
+                              ("added latency connect+req p99 (us)", "lat_connect", "added_p99")):
+        # path - direct, the two sampled alternately by one client, median over runs
+        v = {m: collect(results, m, key, field) for m in MODES}
         figures[label] = v
         dk = None if v["engine"] is None or v["kernel"] is None else v["engine"] - v["kernel"]
-        rows.append([label, v["kernel"], v["haproxy"], v["engine"], "0",
-                     "-" if dk is None else f"{dk:+.0f} us", "-" if v["engine"] is None or v["haproxy"] is None
-                     else f"{v['engine'] - v['haproxy']:+.0f} us"])
+        dh = None if v["engine"] is None or v["haproxy"] is None else v["engine"] - v["haproxy"]
+        rows.append([label, v["kernel"], v["haproxy"], v["engine"], v["direct"],
+                     "-" if dk is None else f"{dk:+.0f} us", "-" if dh is None else f"{dh:+.0f} us"])
     title = (f"Paths to the same backends: medians of {runs} run(s), {secs} s per throughput test"
              + (" (--quick)" if quick else ""))
     text = table(title, ["workload", "kernel nft", "haproxy", "engine", "direct", "engine/kernel",
                          "engine/haproxy"], rows)
     notes = ["  ratios: engine/path; above 1.00x the engine is ahead for rates, behind for latency and CPU/GB.",
-             "  added-latency rows show engine - path in us instead of a ratio. haproxy has no UDP.",
-             "  CPU s per GB: busy time of the whole machine (all CPUs, softirq included) per GB received."]
+             "  added latency: path minus direct client->pod, the two sampled alternately by one client",
+             "  (so both see the same moment of a noisy machine); those rows show engine - path in us.",
+             "  haproxy has no UDP. iperf3 goes to pod 1 on every path (no session affinity anywhere).",
+             "  CPU s per GB: busy time of the whole machine (all CPUs, softirq included) per GB received.",
+             "  UDP drops during the UDP test: /proc/net/softnet_stat (whole machine; netdev_max_backlog),",
+             "  tx_dropped of the node namespace's devices (the TUN's queue to the engine), and Udp",
+             "  RcvbufErrors in pod 1 (the iperf3 server not keeping up)."]
     errors = []
     for i, run in enumerate(results):
         for m, d in run.items():

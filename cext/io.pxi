@@ -44,7 +44,7 @@ cdef class IOWorker:
         under the conntrack lock, write back what goes on. Returns the
         number of packets read."""
         cdef Dataplane dp = self.dp
-        cdef Tables t = dp.tables      # this generation for the whole batch
+        cdef Tables t
         cdef pollfd pfd
         cdef int n = 0, i, r, v, hdr = self.hdr
         cdef Py_ssize_t got, outlen
@@ -56,6 +56,12 @@ cdef class IOWorker:
         pfd.events = POLLIN
         with nogil:
             r = poll(&pfd, 1, timeout_ms)
+        if r <= 0:
+            return 0
+        # the generation current when the packets are read, for the whole
+        # batch (taken after poll: a worker may wait long in poll)
+        t = dp.tables
+        with nogil:
             if r > 0:
                 while n < self.batch:
                     got = read(fd, self.bufs + <size_t>n * IO_SLOT, IO_SLOT)

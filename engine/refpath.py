@@ -22,8 +22,9 @@ standard library.
 import struct
 import time
 
-__all__ = ["Tables", "Dataplane", "DROP_REASONS", "COUNTERS", "STATE_NAMES",
-           "DEFAULT_TIMEOUTS", "monotonic"]
+__all__ = ["Tables", "Dataplane", "DROP_REASONS", "COUNTERS", "SERVICE_COUNTERS",
+           "STATE_NAMES", "DEFAULT_TIMEOUTS", "MAGLEV_SIZE", "maglev_table", "mix64",
+           "monotonic"]
 
 # --- header offsets (RFC 791, 793, 768, 792) ---------------------------------
 
@@ -53,6 +54,7 @@ UDP_HLEN = 8
 ICMP_TYPE = 0
 ICMP_CODE = 1
 ICMP_CSUM = 2
+ICMP_ID = 4
 ICMP_HLEN = 8
 
 PROTO_ICMP = 1
@@ -80,6 +82,23 @@ DROP_REASONS = ("none", "malformed", "unsupported", "fragment", "no_service",
 COUNTERS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "flows_created",
             "flows_expired", "flows_evicted", "rejects", "write_errors", "drops")
 
+# Per-service counters, one row per stable service id
+SERVICE_COUNTERS = ("packets", "bytes", "flows", "rejects", "denied")
+S_PACKETS, S_BYTES, S_FLOWS, S_REJECTS, S_DENIED = range(5)
+
+# Schedulers (IPVS names); compiler.SCHEDULER_IDS must agree.
+SCHED_RANDOM = 0            # kube-proxy iptables/nftables mode
+SCHED_RR = 1                # round robin
+SCHED_LC = 2                # fewest active flows
+SCHED_SH = 3                # source (client address) hash
+SCHED_MH = 4                # Maglev hashing on client address and port
+
+MAGLEV_SIZE = 65537         # prime; > 100 x backends keeps the spread within 1%
+MAGLEV_MAX_BACKENDS = 65534 # 0xffff marks a free ring slot while filling
+
+# sessionAffinity: ClientIP table: bounded probe from the hashed slot
+AFF_PROBE = 8
+
 STATE_NAMES = ("FREE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT",
                "CLOSE_WAIT", "TIME_WAIT", "CLOSE", "UNREPLIED", "ASSURED")
 
@@ -104,6 +123,7 @@ DIR_ORIG = 0
 DIR_REPLY = 1
 
 U32 = 0xffffffff
+U64 = 0xffffffffffffffff
 
 
 def monotonic():
@@ -142,6 +162,104 @@ def csum_full(data):
     return ~s & 0xffff
 
 
+# --- hashing -------------------------------------------------------------------
+#
+# The C code hashes "raw" values: network-order header bytes loaded as native
+# (little-endian) integers. Hashes are observable (which backend sh and mh
+# pick, which affinity slot a client gets), so those values are rebuilt here.
+
+def raw32(addr):
+    """A host-order IPv4 address as the C code holds it (ld32 of its bytes)."""
+    return int.from_bytes(addr.to_bytes(4, "big"), "little")
+
+
+def raw16(port):
+    """A host-order port as the C code holds it (ld16 of its bytes)."""
+    return ((port & 0xff) << 8) | (port >> 8)
+
+
+def mix64(x):
+    """splitmix64 finalizer, on 64-bit unsigned arithmetic."""
+    x &= U64
+    x ^= x >> 30
+    x = (x * 0xbf58476d1ce4e5b9) & U64
+    x ^= x >> 27
+    x = (x * 0x94d049bb133111eb) & U64
+    x ^= x >> 31
+    return x
+
+
+def _maglev_fill(backends, M):
+    """Maglev lookup table (Eisenbud et al., NSDI'16, section 3.4): each
+    backend walks its own permutation of the M slots and claims the next free
+    one in turn. Keys are host-order (addr << 16 | port), as in the C code.
+
+    Where the C code cannot finish (M < 2 divides by zero; a non-prime M can
+    leave a backend's walk without a free slot forever) this raises
+    ValueError instead."""
+    n = len(backends)
+    if M < 2:
+        raise ValueError("Maglev table size must be at least 2")
+    offset = []
+    skip = []
+    for addr, port in backends:
+        key = (addr << 16) | port
+        offset.append(mix64(key ^ 0x6d61676c6576) % M)
+        skip.append(mix64(key ^ 0x736b6970) % (M - 1) + 1)
+    ring = [0xffff] * M
+    nxt = [0] * n
+    filled = 0
+    while True:
+        for i in range(n):
+            o, k, j = offset[i], skip[i], nxt[i]
+            c = (o + j * k) % M
+            while ring[c] != 0xffff:
+                j += 1
+                if j >= M:
+                    raise ValueError(f"Maglev table size {M} is not prime: backend {i} finds no free slot")
+                c = (o + j * k) % M
+            ring[c] = i
+            nxt[i] = j + 1
+            filled += 1
+            if filled == M:
+                return ring
+
+
+_maglev_cache = {}          # (backends, size) -> ring; rings are never mutated
+
+
+def _maglev_ring(backends, size=MAGLEV_SIZE):
+    key = (tuple(backends), size)
+    ring = _maglev_cache.get(key)
+    if ring is None:
+        ring = _maglev_fill(key[0], size)
+        if len(_maglev_cache) >= 64:
+            _maglev_cache.pop(next(iter(_maglev_cache)))
+        _maglev_cache[key] = ring
+    return ring
+
+
+def _uint(v, bits, what):
+    """Cython's conversion of a Python int to an unsigned C integer."""
+    v = int(v)
+    if v < 0:
+        raise OverflowError(f"can't convert negative value to unsigned int ({what})")
+    if v >> bits:
+        raise OverflowError(f"value too large to convert to unsigned int ({what})")
+    return v
+
+
+def maglev_table(backends, size=MAGLEV_SIZE):
+    """The Maglev ring for [(addr int, port)] as a list of backend indexes
+    (for tests and the reference path)."""
+    size = _uint(size, 32, "size")
+    n = len(backends)
+    if n == 0 or n > 65535:
+        raise ValueError("1..65535 backends")
+    bs = [(_uint(a, 32, "addr"), _uint(p, 16, "port")) for a, p in backends]
+    return list(_maglev_ring(bs, size))
+
+
 # --- service tables ------------------------------------------------------------
 
 def prefix_mask(plen):
@@ -164,17 +282,31 @@ def _in_cidrs(addr, cidrs):
 class _Svc:
     """One service port: what a new flow to (vip, port, proto) may go to."""
     __slots__ = ("index", "name", "vip", "port", "proto", "backends",
-                 "source_ranges", "scheduler", "nodeport")
+                 "source_ranges", "scheduler", "nodeport", "id", "affinity_timeout",
+                 "rr", "ring")
 
-    def __init__(self, index, s):
+    def __init__(self, index, s, first_backend):
+        """first_backend: index of this service's first backend in the whole
+        table (the default backend id)."""
         self.index = index
         self.name = s["name"]
-        self.vip = int(s["vip"])                # 0: a node port
-        self.port = int(s["port"])
-        self.proto = int(s["proto"])
-        self.scheduler = s.get("scheduler", 0)
+        self.vip = _uint(s["vip"], 32, "vip")               # 0: a node port
+        self.port = _uint(s["port"], 16, "port")
+        self.proto = _uint(s["proto"], 8, "proto")
+        self.scheduler = _uint(s.get("scheduler", 0), 32, "scheduler")
         self.nodeport = bool(s.get("nodeport"))
-        self.backends = [(int(a), int(p)) for a, p in s["backends"]]
+        self.id = _uint(s.get("id", index), 32, "id")       # stable service id
+        self.affinity_timeout = _uint(s.get("affinity_timeout", 0), 32, "affinity_timeout")
+        self.rr = 0                                         # round-robin cursor
+        # (addr, port, stable id); the default id is the index in the whole table
+        self.backends = [(_uint(be[0], 32, "addr"), _uint(be[1], 16, "port"),
+                          _uint(be[2], 32, "id") if len(be) > 2 else first_backend + j)
+                         for j, be in enumerate(s["backends"])]
+        self.ring = None
+        if self.scheduler == SCHED_MH and len(self.backends) > MAGLEV_MAX_BACKENDS:
+            raise ValueError(f"{self.name}: Maglev takes at most 65534 backends")
+        if self.scheduler == SCHED_MH and self.backends:
+            self.ring = _maglev_ring([(a, p) for a, p, _ in self.backends])
         self.source_ranges = [_cidr(n, l) for n, l in (s.get("source_ranges") or ())]
 
 
@@ -184,15 +316,25 @@ class Tables:
     def __init__(self, services, vips=(), drop_cidrs=(), node_addrs=()):
         """services: sequence of dicts with keys
              name, vip (int, host order; 0 for a node port), port, proto (6/17),
-             backends [(addr int, port)], source_ranges [(net int, prefixlen)],
-             scheduler (int), nodeport (bool)
+             backends [(addr int, port[, stable id])], source_ranges [(net int, prefixlen)],
+             scheduler (int), nodeport (bool), id (stable service id; default: the index),
+             affinity_timeout (seconds; 0 = no session affinity)
            vips: addresses (int) that are live service addresses
            drop_cidrs: [(net int, prefixlen)] where unallocated addresses are dropped
            node_addrs: addresses (int) on which node-port keys (vip 0) apply
         """
         services = list(services)
         self._names = [s["name"] for s in services]
-        self.svcs = [_Svc(i, s) for i, s in enumerate(services)]
+        self.svcs = []
+        nb = 0
+        for i, s in enumerate(services):
+            sv = _Svc(i, s, nb)
+            nb += len(sv.backends)
+            self.svcs.append(sv)
+        # largest service / backend id + 1: Dataplane.swap holds these
+        # against max_services / max_backends
+        self.max_id = max([0] + [sv.id + 1 for sv in self.svcs])
+        self.max_bid = max([0] + [b[2] + 1 for sv in self.svcs for b in sv.backends])
         # (vip, port, proto) -> service port
         self.by_key = {}
         for sv in self.svcs:
@@ -261,13 +403,14 @@ def tcp_next_state(st, flags, direction, th):
 
 class _Flow:
     """A tracked flow: both tuples, (saddr, daddr, sport, dport, proto).
-    key[DIR_ORIG]: client -> VIP; key[DIR_REPLY]: backend -> masquerade address."""
-    __slots__ = ("key", "expires", "svc", "backend_addr", "state", "flags")
+    key[DIR_ORIG]: client -> VIP; key[DIR_REPLY]: backend -> masquerade address.
+    svc: stable service id (stats); backend: stable backend id (active flows)."""
+    __slots__ = ("key", "expires", "svc", "backend", "state", "flags")
 
-    def __init__(self, orig, reply, svc, state, expires):
+    def __init__(self, orig, reply, svc, backend, state, expires):
         self.key = (orig, reply)
         self.svc = svc
-        self.backend_addr = reply[0]
+        self.backend = backend
         self.state = state
         self.flags = 0
         self.expires = expires
@@ -277,14 +420,18 @@ class _Conntrack:
     """Flow table of at most `max` entries with ids 0..max-1. `index` maps each
     flow tuple (both directions) to (id, direction). Free ids are a stack with
     0 on top at first; a freed id goes back on top. One clock hand serves both
-    the expiry sweep and eviction."""
+    the expiry sweep and eviction. `active` counts flows per stable backend id
+    below `nactive`: +1 when a flow is created (by the dataplane), -1 in
+    remove(), whatever removes it (expiry, eviction, delete_flows, reuse)."""
 
-    def __init__(self, maxflows):
+    def __init__(self, maxflows, maxbackends):
         self.max = maxflows
         self.entries = [None] * maxflows            # None: free
         self.free_ids = list(range(maxflows - 1, -1, -1))   # top = end of list
         self.index = {}
         self.hand = 0
+        self.nactive = maxbackends
+        self.active = {}                            # backend id -> flows; absent: 0
 
     @property
     def count(self):
@@ -297,6 +444,8 @@ class _Conntrack:
         e = self.entries[fid]
         del self.index[e.key[DIR_ORIG]]
         del self.index[e.key[DIR_REPLY]]
+        if e.backend < self.nactive and self.active.get(e.backend):
+            self.active[e.backend] -= 1
         self.entries[fid] = None
         self.free_ids.append(fid)
 
@@ -347,10 +496,16 @@ class _Conntrack:
 
 # --- packet rewriting -----------------------------------------------------------
 
-def nat_rewrite(p, l4, proto, nsrc, nsport, ndst, ndport):
+def nat_rewrite(p, l4, proto, nsrc, nsport, ndst, ndport, partial=False):
     """Rewrites addresses and ports in place, updating the IP and L4 checksums
     incrementally. A UDP checksum of 0 means "none" and stays 0; a computed 0
-    is sent as 0xffff."""
+    is sent as 0xffff.
+
+    partial: the packet came with VIRTIO_NET_HDR_F_NEEDS_CSUM, so the L4
+    checksum field holds the folded pseudo-header sum, not complemented:
+    adjust it for the addresses only (ports are summed later by whoever
+    completes the checksum), with no UDP-zero rule. The IPv4 header checksum
+    is always updated."""
     osrc, odst = struct.unpack_from("!II", p, IP_SRC)
     osport, odport = struct.unpack_from("!HH", p, l4 + L4_SPORT)
     (c,) = struct.unpack_from("!H", p, IP_CSUM)
@@ -359,7 +514,11 @@ def nat_rewrite(p, l4, proto, nsrc, nsport, ndst, ndport):
     struct.pack_into("!HII", p, IP_CSUM, c, nsrc, ndst)
     off = l4 + (TCP_CSUM if proto == PROTO_TCP else UDP_CSUM)
     (c,) = struct.unpack_from("!H", p, off)
-    if not (proto == PROTO_UDP and c == 0):
+    if partial:
+        c = ~csum_replace4(~c & 0xffff, osrc, nsrc) & 0xffff
+        c = ~csum_replace4(~c & 0xffff, odst, ndst) & 0xffff
+        struct.pack_into("!H", p, off, c)
+    elif not (proto == PROTO_UDP and c == 0):
         c = csum_replace4(c, osrc, nsrc)
         c = csum_replace4(c, odst, ndst)
         c = csum_replace2(c, osport, nsport)
@@ -397,26 +556,37 @@ class Dataplane:
     """Conntrack + NAT over compiled Tables."""
 
     def __init__(self, masquerade_ip, max_flows=262144, batch=64, seed=0x9E3779B9,
-                 port_range=(1024, 65535), timeouts=None, tables=None):
+                 port_range=(1024, 65535), timeouts=None, tables=None,
+                 max_services=65536, max_backends=1 << 20, affinity_size=65536):
         if max_flows < 1:
             raise ValueError("max_flows must be positive")
         if not (1 <= port_range[0] <= port_range[1] <= 65535):
             raise ValueError("bad SNAT port range")
-        if not 0 <= seed <= U32:
-            raise OverflowError("seed must fit 32 bits")
         if tables is not None and not isinstance(tables, Tables):
             raise TypeError("tables must be refpath.Tables")
-        self.ct = _Conntrack(int(max_flows))
+        self.ct = _Conntrack(_uint(max_flows, 32, "max_flows"),
+                             _uint(max_backends, 32, "max_backends"))
+        self.max_services = _uint(max_services, 32, "max_services")
+        self.svc_stats = {}                 # stable service id -> [5 counters]
+        # sessionAffinity: ClientIP. Slot index -> [svc id + 1 (0: empty),
+        # client (raw), backend addr, backend port, expires]; absent: empty.
+        asize = 16
+        while asize < affinity_size:
+            asize <<= 1
+        self.aff = {}
+        self.aff_mask = asize - 1
         self.masq = int(masquerade_ip)
         self.port_lo = port_range[0]
         self.port_range = port_range[1] - port_range[0] + 1
-        self.rng = seed or 1
+        self.rng = _uint(seed, 32, "seed") or 1
         self.batch = batch
         self.cnt = dict.fromkeys(COUNTERS, 0)
         self.drops = [0] * len(DROP_REASONS)
         self.timeouts = [0] * len(STATE_NAMES)
         self.set_timeouts(timeouts or {})
-        self.tables = tables if tables is not None else Tables([])
+        self.tables = Tables([])
+        if tables is not None:
+            self.swap(tables)
 
     def set_timeouts(self, timeouts):
         merged = dict(DEFAULT_TIMEOUTS)
@@ -430,6 +600,10 @@ class Dataplane:
         """Replace the service tables; flows keep going where they go."""
         if not isinstance(tables, Tables):
             raise TypeError("tables must be refpath.Tables")
+        if tables.max_id > self.max_services:
+            raise ValueError(f"service id {tables.max_id - 1} beyond max_services {self.max_services}")
+        if tables.max_bid > self.ct.nactive:
+            raise ValueError(f"backend id {tables.max_bid - 1} beyond max_backends {self.ct.nactive}")
         self.tables = tables
 
     @property
@@ -449,9 +623,23 @@ class Dataplane:
         self.cnt["rejects"] += 1
         return ("reply", "none", build_port_unreachable(p, tot))
 
+    def _stat(self, svc, what, n=1):
+        row = self.svc_stats.get(svc)
+        if row is None:
+            row = self.svc_stats[svc] = [0] * len(SERVICE_COUNTERS)
+        row[what] += n
+
+    def _unmatched(self, t, daddr):
+        """Drop reason for a packet that opens nothing and matches no flow."""
+        if daddr == self.masq:
+            return "spoofed"
+        if t.in_drop_cidrs(daddr):
+            return "unallocated"
+        return "no_service"
+
     # -- the packet path -----------------------------------------------------
 
-    def _process_one(self, t, p, now):
+    def _process_one(self, t, p, now, partial=False):
         """p: bytearray, rewritten in place. Returns (verdict, reason, out)."""
         n = len(p)
         self.cnt["rx_packets"] += 1
@@ -486,6 +674,8 @@ class Dataplane:
             (ulen,) = struct.unpack_from("!H", p, l4 + UDP_LEN)
             if ulen < UDP_HLEN or ulen > l4len:
                 return self._drop("malformed")
+        elif proto == PROTO_ICMP:
+            return self._icmp(t, p, l4, tot, l4len)
         else:
             return self._drop("unsupported")
         saddr, daddr = struct.unpack_from("!II", p, IP_SRC)
@@ -509,15 +699,18 @@ class Dataplane:
                 ref = None
         if ref is not None:
             o_saddr, o_daddr, o_sport, o_dport, _ = e.key[1 - direction]
-            nat_rewrite(p, l4, proto, o_daddr, o_dport, o_saddr, o_sport)
+            nat_rewrite(p, l4, proto, o_daddr, o_dport, o_saddr, o_sport, partial)
             if proto == PROTO_TCP:
                 e.state, e.flags = tcp_next_state(e.state, e.flags, direction, th)
             elif direction == DIR_REPLY:
                 e.state = CT_UDP_ASSURED
             e.expires = (now + self.timeouts[e.state]) & U32
+            self._stat(e.svc, S_PACKETS)
+            self._stat(e.svc, S_BYTES, tot)
             return ("forward", "none", bytes(p[:tot]))
 
-        # 3. a new flow: which service?
+        # 3. a new flow: which service? (address 0 is the node-port key: it
+        # must be reached through a node address, never as a destination)
         sv = t.lookup(daddr, dport, proto) if daddr != 0 else None
         if sv is None and t.is_node_addr(daddr):
             sv = t.lookup(0, dport, proto)
@@ -530,14 +723,16 @@ class Dataplane:
                 return self._drop("unallocated")
             return self._drop("no_service")
         if sv.source_ranges and not t.source_allowed(sv, saddr):
+            self._stat(sv.id, S_DENIED)
             return self._drop("source_denied")
         if not sv.backends:
+            self._stat(sv.id, S_REJECTS)
             return self._reject(p, tot)
         if proto == PROTO_TCP and th & (TH_SYN | TH_ACK | TH_RST | TH_FIN) != TH_SYN:
             return self._drop("not_syn")
 
         # 4. scheduler, then a free SNAT port for the reply tuple
-        baddr, bport = sv.backends[self._rand() % len(sv.backends)]
+        baddr, bport, bid = self._schedule(sv, raw32(saddr), raw16(sport), now)
         start = self._rand() % self.port_range
         for i in range(min(PORT_TRIES, self.port_range)):
             port = self.port_lo + (start + i) % self.port_range
@@ -551,16 +746,174 @@ class Dataplane:
         if fid is None:
             return self._drop("table_full")
         state = CT_SYN_SENT if proto == PROTO_TCP else CT_UDP_UNREPLIED
-        ct.insert(fid, _Flow(k, rk, sv.index, state, (now + self.timeouts[state]) & U32))
+        ct.insert(fid, _Flow(k, rk, sv.id, bid, state, (now + self.timeouts[state]) & U32))
+        if bid < ct.nactive:
+            ct.active[bid] = ct.active.get(bid, 0) + 1
+        self._stat(sv.id, S_FLOWS)
+        self._stat(sv.id, S_PACKETS)
+        self._stat(sv.id, S_BYTES, tot)
         self.cnt["flows_created"] += 1
-        nat_rewrite(p, l4, proto, self.masq, port, baddr, bport)
+        nat_rewrite(p, l4, proto, self.masq, port, baddr, bport, partial)
         return ("forward", "none", bytes(p[:tot]))
 
-    def process(self, pkt, now):
-        """In-memory path for tests: returns (verdict, reason, out bytes|None)."""
+    def _schedule(self, sv, client, csport, now):
+        """The backend (addr, port, id) for a new flow of sv (which has one).
+        client, csport: the client's address and port as raw values (the C
+        code hashes those)."""
+        bs = sv.backends
+        n = len(bs)
+        idx = None
+        a = None
+        if sv.affinity_timeout:
+            a = self._aff_slot(sv.id, client, now)
+            if a[0] == (sv.id + 1) & U32 and a[1] == client:
+                for i, (addr, port, _) in enumerate(bs):
+                    if addr == a[2] and port == a[3]:
+                        idx = i
+                        break
+        if idx is None:
+            sched = sv.scheduler
+            if sched == SCHED_RR:
+                idx = sv.rr % n
+                sv.rr = (sv.rr + 1) & U32
+            elif sched == SCHED_LC:
+                # fewest flows, ties broken from a random start
+                act = self.ct.active
+                start = self._rand() % n
+                idx = start
+                best = act.get(bs[idx][2], 0)
+                for j in range(1, n):
+                    i = (start + j) % n
+                    c = act.get(bs[i][2], 0)
+                    if c < best:
+                        idx, best = i, c
+            elif sched == SCHED_SH:
+                idx = mix64(client) % n
+            elif sched == SCHED_MH:
+                idx = sv.ring[mix64((client << 16) | csport) % MAGLEV_SIZE]
+            else:
+                idx = self._rand() % n
+        if a is not None:
+            a[0] = (sv.id + 1) & U32
+            a[1] = client
+            a[2], a[3] = bs[idx][0], bs[idx][1]
+            a[4] = (now + sv.affinity_timeout) & U32
+        return bs[idx]
+
+    def _aff_slot(self, svc, client, now):
+        """The live slot of (svc, client), else the slot to take for it (made
+        empty): the first empty or expired slot within AFF_PROBE of the hashed
+        one (an empty one preferred over an expired one, the last expired one
+        otherwise), else the live one that expires first."""
+        h = mix64((svc << 32) | client) & self.aff_mask
+        aff = self.aff
+        key = (svc + 1) & U32
+        victim = None
+        for i in range(AFF_PROBE):
+            j = (h + i) & self.aff_mask
+            a = aff.get(j)
+            if a is None:
+                a = aff[j] = [0, 0, 0, 0, 0]
+            if a[0] == key and a[1] == client:
+                if a[4] > now:
+                    return a
+                a[0] = 0                # expired: as good as empty
+            if a[0] == 0 or a[4] <= now:
+                if victim is None or victim[0] != 0:
+                    victim = a
+            elif victim is None or (victim[0] != 0 and a[4] < victim[4]):
+                victim = a
+        victim[0] = 0
+        return victim
+
+    def _icmp(self, t, p, l4, tot, l4len):
+        """ICMP: echo to a live service address is answered (as IPVS mode's
+        bound VIPs are); an error about a tracked flow (unreachable, frag
+        needed, time exceeded, parameter problem) is translated, inner header
+        included, and sent on to the flow's other end."""
+        if l4len < ICMP_HLEN:
+            return self._drop("malformed")
+        typ = p[l4 + ICMP_TYPE]
+        osrc, odst = struct.unpack_from("!II", p, IP_SRC)
+        if typ == 8:                            # echo request
+            if p[l4 + ICMP_CODE] != 0 or not t.is_vip(odst):
+                return self._drop(self._unmatched(t, odst))
+            struct.pack_into("!II", p, IP_SRC, odst, osrc)   # a swap keeps the header sum
+            (ic,) = struct.unpack_from("!H", p, l4 + ICMP_TYPE)
+            p[l4 + ICMP_TYPE] = 0
+            (c,) = struct.unpack_from("!H", p, l4 + ICMP_CSUM)
+            struct.pack_into("!H", p, l4 + ICMP_CSUM,
+                             csum_replace2(c, ic, struct.unpack_from("!H", p, l4 + ICMP_TYPE)[0]))
+            (ic,) = struct.unpack_from("!H", p, IP_TTL)
+            p[IP_TTL] = 64
+            (c,) = struct.unpack_from("!H", p, IP_CSUM)
+            struct.pack_into("!H", p, IP_CSUM,
+                             csum_replace2(c, ic, struct.unpack_from("!H", p, IP_TTL)[0]))
+            return ("reply", "none", bytes(p[:tot]))
+        if typ not in (3, 11, 12):
+            return self._drop("unsupported")
+        # the quoted datagram: one we sent, so it is already translated
+        inner = l4 + ICMP_HLEN
+        ilen = l4len - ICMP_HLEN
+        if ilen < IP_MIN_HLEN or p[inner + IP_VER_IHL] >> 4 != 4:
+            return self._drop("malformed")
+        iihl = (p[inner + IP_VER_IHL] & 0x0f) * 4
+        if iihl < IP_MIN_HLEN or ilen < iihl + 8:
+            return self._drop("malformed")
+        iproto = p[inner + IP_PROTO]
+        if iproto != PROTO_TCP and iproto != PROTO_UDP:
+            return self._drop("unsupported")
+        il4 = inner + iihl
+        isrc, idst = struct.unpack_from("!II", p, inner + IP_SRC)
+        isport, idport = struct.unpack_from("!HH", p, il4 + L4_SPORT)
+        # the reverse of what we sent. (No expiry check here: a flow past its
+        # timeout that is still in the table translates, as in the C code.)
+        ref = self.ct.find((idst, isrc, idport, isport, iproto))
+        if ref is None:
+            return self._drop(self._unmatched(t, odst))
+        fid, direction = ref
+        e = self.ct.entries[fid]
+        ks, kd, ksp, kdp, _ = e.key[1 - direction]   # the packet as its sender sent it
+        # inner header back to what the sender sent; each change also goes
+        # into the ICMP checksum, which covers the quote
+        (ic,) = struct.unpack_from("!H", p, l4 + ICMP_CSUM)
+        (ipc,) = struct.unpack_from("!H", p, inner + IP_CSUM)
+        c = csum_replace4(csum_replace4(ipc, isrc, ks), idst, kd)
+        ic = csum_replace2(ic, ipc, c)
+        struct.pack_into("!H", p, inner + IP_CSUM, c)
+        ic = csum_replace4(csum_replace4(ic, isrc, ks), idst, kd)
+        struct.pack_into("!II", p, inner + IP_SRC, ks, kd)
+        csoff = TCP_CSUM if iproto == PROTO_TCP else UDP_CSUM
+        if ilen >= iihl + csoff + 2:            # the L4 checksum is quoted
+            (c0,) = struct.unpack_from("!H", p, il4 + csoff)
+            if not (iproto == PROTO_UDP and c0 == 0):
+                c = csum_replace4(csum_replace4(c0, isrc, ks), idst, kd)
+                c = csum_replace2(csum_replace2(c, isport, ksp), idport, kdp)
+                if iproto == PROTO_UDP and c == 0:
+                    c = 0xffff
+                ic = csum_replace2(ic, c0, c)
+                struct.pack_into("!H", p, il4 + csoff, c)
+        ic = csum_replace2(csum_replace2(ic, isport, ksp), idport, kdp)
+        struct.pack_into("!HH", p, il4 + L4_SPORT, ksp, kdp)
+        struct.pack_into("!H", p, l4 + ICMP_CSUM, ic)
+        # outer: to the sender; from the far end's public face if it was the far end
+        (c,) = struct.unpack_from("!H", p, IP_CSUM)
+        if osrc == idst:
+            c = csum_replace4(c, osrc, kd)
+            struct.pack_into("!I", p, IP_SRC, kd)
+        c = csum_replace4(c, odst, ks)
+        struct.pack_into("!I", p, IP_DST, ks)
+        struct.pack_into("!H", p, IP_CSUM, c)
+        self._stat(e.svc, S_PACKETS)
+        self._stat(e.svc, S_BYTES, tot)
+        return ("forward", "none", bytes(p[:tot]))
+
+    def process(self, pkt, now, partial=False):
+        """In-memory path for tests: returns (verdict, reason, out bytes|None).
+        partial: treat the L4 checksum as CHECKSUM_PARTIAL (vnet NEEDS_CSUM)."""
         if len(pkt) > SLOT_SIZE:
             raise ValueError("packet larger than a slot")
-        return self._process_one(self.tables, bytearray(pkt), int(now) & U32)
+        return self._process_one(self.tables, bytearray(pkt), int(now) & U32, bool(partial))
 
     def process_batch(self, pkts, now, repeat=1):
         """Processes each packet `repeat` times over; returns how many were
@@ -586,6 +939,23 @@ class Dataplane:
         out["max_flows"] = self.ct.max
         return out
 
+    def service_counters(self, ids):
+        """{id: {packets, bytes, flows, rejects, denied}} for stable service ids."""
+        out = {}
+        zero = (0,) * len(SERVICE_COUNTERS)
+        for i in ids:
+            if not 0 <= i < self.max_services:
+                raise ValueError(f"service id {i} out of range")
+            out[i] = dict(zip(SERVICE_COUNTERS, self.svc_stats.get(i, zero)))
+        return out
+
+    def active_flows(self, backend_id):
+        """Tracked flows to a backend (the lc scheduler's measure)."""
+        backend_id = _uint(backend_id, 32, "backend_id")
+        if backend_id >= self.ct.nactive:
+            raise ValueError("backend id out of range")
+        return self.ct.active.get(backend_id, 0)
+
     def flows(self, now=-1):
         """Snapshot of the flow table: list of dicts (like conntrack -L)."""
         if now < 0:
@@ -602,6 +972,7 @@ class Dataplane:
                 "orig": _key_tuple(e.key[DIR_ORIG]),
                 "reply": _key_tuple(e.key[DIR_REPLY]),
                 "svc": e.svc,
+                "backend": e.backend,
             })
         return out
 
@@ -614,7 +985,7 @@ class Dataplane:
             if e is None:
                 continue
             saddr, _, sport, _, p = e.key[DIR_REPLY]
-            if p == proto and saddr == addr and (backend_port < 0 or sport == backend_port):
+            if p == proto and saddr == addr and (backend_port < 0 or sport == backend_port & 0xffff):
                 self.ct.remove(fid)
                 removed += 1
         return removed

@@ -12,6 +12,7 @@ run_fixture(mod, fixture) runs one fixture against either module; the tests
 run every fixture against both and compare the two byte for byte.
 """
 import ipaddress
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -112,6 +113,50 @@ def reply_to(name, flags="A", load=b"", chksum=None):
     return build
 
 
+def icmp_error(name, type=3, code=3, src=None, dst=None, quote=None, edit=None, **icmpkw):
+    """An ICMP error about the output saved as `name` (a packet we sent),
+    quoting its first `quote` bytes (all of it by default), from `src` (the
+    packet's destination by default) to `dst` (its source by default).
+    edit(bytearray quote) may damage the quote."""
+    def build(ctx):
+        o = ctx[name + "_raw"]
+        q = bytearray(o if quote is None else o[:quote])
+        if edit:
+            edit(q)
+        po = IP(o)
+        return (IP(src=src or po.dst, dst=dst or po.src)
+                / ICMP(type=type, code=code, **icmpkw) / Raw(bytes(q)))
+    return build
+
+
+def echo(dst=VIP, src=CLIENT, id=7, seq=1, load=b"ping", **kw):
+    """ICMP echo request; keyword arguments go to ICMP (type, code, ...)."""
+    kw.setdefault("type", 8)
+    return IP(src=src, dst=dst) / ICMP(id=id, seq=seq, **kw) / Raw(load)
+
+
+def pseudo_sum(src, dst, proto, l4len):
+    """Folded, uncomplemented pseudo-header sum (what CHECKSUM_PARTIAL puts
+    in the L4 checksum field)."""
+    s = sum(struct.unpack("!4H", ipaddress.IPv4Address(src).packed
+                          + ipaddress.IPv4Address(dst).packed)) + proto + l4len
+    while s >> 16:
+        s = (s & 0xffff) + (s >> 16)
+    return s
+
+
+def as_partial(pkt):
+    """The packet as the kernel hands it over with VIRTIO_NET_HDR_F_NEEDS_CSUM:
+    the L4 checksum field holds the pseudo-header sum."""
+    b = bytearray(bytes(pkt))
+    ihl = (b[0] & 15) * 4
+    tot = struct.unpack_from("!H", b, 2)[0]
+    off = ihl + (16 if b[9] == 6 else 6)
+    p = IP(bytes(b))
+    struct.pack_into("!H", b, off, pseudo_sum(p.src, p.dst, b[9], tot - ihl))
+    return bytes(b)
+
+
 def raw_edit(pkt, **at):
     """bytes(pkt) with single bytes overwritten: raw_edit(p, b0=0x44)."""
     b = bytearray(bytes(pkt))
@@ -130,6 +175,8 @@ def _field(p, name):
         return str(l4.flags)
     if name == "load":
         return bytes(l4.payload)
+    if name.startswith("l4_"):          # an L4 field named like an IP one: l4_id
+        return getattr(l4, name[3:])
     return getattr(l4, name)
 
 
@@ -169,9 +216,46 @@ def icmp_unreachable(quote_len=None):
     return check
 
 
+def inet_csum(data):
+    """RFC 1071 checksum of data (0 when data carries a valid checksum)."""
+    data = bytes(data) + b"\0" * (len(data) & 1)
+    s = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    while s >> 16:
+        s = (s & 0xffff) + (s >> 16)
+    return ~s & 0xffff
+
+
+def verify_inner(raw):
+    """An ICMP error's quote: its IP header checksum is valid, and so is its
+    L4 checksum when the whole datagram is quoted (a UDP 0 excepted)."""
+    q = raw[28:]
+    ihl = (q[0] & 15) * 4
+    assert inet_csum(q[:ihl]) == 0, "inner IP header checksum"
+    tot = struct.unpack_from("!H", q, 2)[0]
+    if tot == len(q) and q[9] in (6, 17):
+        l4 = q[ihl:tot]
+        if q[9] == 17 and struct.unpack_from("!H", l4, 6)[0] == 0:
+            return
+        pseudo = q[12:20] + struct.pack("!BBH", 0, q[9], len(l4))
+        assert inet_csum(pseudo + l4) == 0, "inner L4 checksum"
+
+
+def verify_partial(raw):
+    """A CHECKSUM_PARTIAL output: valid IP header checksum, and the L4 field
+    holds the pseudo-header sum of the rewritten addresses."""
+    p = IP(raw)
+    ihl = p.ihl * 4
+    assert inet_csum(raw[:ihl]) == 0, "IP header checksum"
+    off = ihl + (16 if p.proto == 6 else 6)
+    got = struct.unpack_from("!H", raw, off)[0]
+    want = pseudo_sum(p.src, p.dst, p.proto, p.len - ihl)
+    assert got == want, f"partial L4 field {got:#06x}, want pseudo-header sum {want:#06x}"
+
+
 def verify_checksums(raw):
     """Re-parse with scapy, delete the checksums, rebuild: scapy's checksums
-    must equal ours, and nothing else may change."""
+    must equal ours, and nothing else may change. An ICMP error's quote must
+    carry valid checksums too (verify_inner)."""
     p = IP(raw)
     assert p.len == len(raw), "IP total length does not match the output length"
     q = IP(raw)
@@ -187,6 +271,9 @@ def verify_checksums(raw):
         got, want = p.payload.chksum, r.payload.chksum
         assert got == want, f"{l4.name} checksum {got:#06x}, want {want:#06x}"
     assert rebuilt == raw, "rebuilding with scapy changed more than the checksums"
+    if isinstance(l4, ICMP) and l4.type in (3, 11, 12) and len(raw) >= 48 \
+            and len(raw) >= 28 + (raw[28] & 15) * 4:
+        verify_inner(raw)
 
 
 # --- fixtures ------------------------------------------------------------------------
@@ -202,6 +289,7 @@ class Step:
     save: Optional[str] = None      # ctx[save] = the output, parsed
     action: Optional[Callable] = None   # action(dp, ctx) in place of a packet
     after: Optional[Callable] = None    # after(dp, ctx): checks on the dataplane
+    partial: bool = False           # process(..., partial=True): CHECKSUM_PARTIAL input
 
 
 def drop(pkt, reason, **kw):
@@ -283,6 +371,85 @@ def _expire(now, want):
         assert got == want, f"expire({now}) removed {got}, want {want}"
         return got
     return action
+
+
+def quotes(name):
+    """Check: an ICMP error's quote is what the sender of the packet saved as
+    `name` sent (its first bytes), every NAT change undone."""
+    def check(out, ctx):
+        o, orig = ctx["out_raw"], ctx[name + "_in"]
+        q = len(o) - 28
+        assert q <= len(orig) and o[28:] == orig[:q], \
+            f"quote {o[28:].hex()} is not the sender's datagram {orig[:q].hex()}"
+    return check
+
+
+def checks(*fns):
+    def check(out, ctx):
+        for f in fns:
+            f(out, ctx)
+    return check
+
+
+def service_counters_are(want):
+    """after: service_counters of the given ids equal want ({id: {name: n}},
+    names left out must be 0)."""
+    def after(dp, ctx):
+        got = dp.service_counters(sorted(want))
+        for i, w in want.items():
+            exp = {k: w.get(k, 0) for k in ("packets", "bytes", "flows", "rejects", "denied")}
+            assert got[i] == exp, f"service {i}: {got[i]} != {exp}"
+    return after
+
+
+def active_are(want):
+    """after: active_flows(backend id) for each id in want."""
+    def after(dp, ctx):
+        got = {b: dp.active_flows(b) for b in want}
+        assert got == want, f"active flows {got} != {want}"
+    return after
+
+
+def sched_tables(scheduler, affinity=0, n=3, ids=False):
+    """One VIP (TCP 80 -> :8080, UDP 53 -> :5353 on the first n BACKENDS)
+    with the given scheduler and session affinity timeout. ids: stable
+    service ids 7 (TCP) and 9 (UDP), backend ids 100+ / 200+."""
+    def tables():
+        def backends(port, base):
+            return [(ip(b), port, base + i) if ids else (ip(b), port)
+                    for i, b in enumerate(BACKENDS[:n])]
+        extra = {"affinity_timeout": affinity} if affinity else {}
+        t = svc("s:http", VIP, 80, 6, [], scheduler=scheduler, **extra)
+        u = svc("s:dns", VIP, 53, 17, [], scheduler=scheduler, **extra)
+        t["backends"], u["backends"] = backends(8080, 100), backends(5353, 200)
+        if ids:
+            t["id"], u["id"] = 7, 9
+        return dict(services=[t, u], vips=[ip(VIP)],
+                    drop_cidrs=[(ip(SERVICE_CIDR[0]), SERVICE_CIDR[1])])
+    return tables
+
+
+def _swap_without(name):
+    """action: tables of the same shape without the backend the output saved
+    as `name` went to."""
+    def action(dp, ctx):
+        kw = ctx["tables"]()
+        gone = ip(ctx[name].dst)
+        for s in kw["services"]:
+            s["backends"] = [b for b in s["backends"] if b[0] != gone]
+        dp.swap(ctx["mod"].Tables(**kw))
+    return action
+
+
+def _delete_to(name, proto):
+    def action(dp, ctx):
+        return dp.delete_flows(proto, ip(ctx[name].dst))
+    return action
+
+
+def _spread_within_one(dp, ctx):
+    counts = [dp.active_flows(b) for b in range(3)]
+    assert max(counts) - min(counts) <= 1, f"lc spread {counts}"
 
 
 FIXTURES = [
@@ -437,10 +604,10 @@ FIXTURES = [
         drop(udp(flags="MF", frag=1), "fragment"),
         Step(udp(flags="DF"), check=fields(dport=5353)),                # DF is not a fragment
     ]),
-    Fixture("unsupported", "IPv6, ICMP and other protocols are not ours", [
+    Fixture("unsupported", "IPv6, ICMP other than echo and errors, and other protocols are not ours", [
         drop(IPv6(dst="fd00::1") / TCP(dport=80, flags="S"), "unsupported"),
         drop(IPv6(dst="fd00::1") / UDP(dport=53), "unsupported"),
-        drop(IP(dst=VIP) / ICMP(type=8, id=1, seq=1), "unsupported"),
+        drop(IP(dst=VIP) / ICMP(type=13), "unsupported"),                 # timestamp
         drop(IP(dst=VIP, proto=47) / Raw(b"\0" * 8), "unsupported"),
         drop(IP(dst=VIP, proto=132) / Raw(b"\0" * 16), "unsupported"),
         drop(raw_edit(tcp("S"), b0=0x55), "unsupported"),                # version 5
@@ -580,6 +747,204 @@ FIXTURES = [
             == {"rx_packets": 7, "drops": 5, "rejects": 1, "flows_created": 1, "flows": 1,
                 "tx_packets": 0}, f"counters {dp.counters()}")),
     ]),
+
+    # --- ICMP: echo ------------------------------------------------------------------------
+    Fixture("icmp_echo_vip", "an echo request to a live service address is answered from it", [
+        Step(echo(id=7, seq=3, load=b"ping-payload"), verdict="reply",
+             check=fields(src=VIP, dst=CLIENT, ttl=64, type=0, code=0, l4_id=7, seq=3,
+                          load=b"ping-payload")),
+        Step(echo(dst=VIP_NOEP, load=b""), verdict="reply", check=fields(src=VIP_NOEP, type=0)),
+        Step(echo(dst=LB_IP, src=FAR_CLIENT, load=b"x" * 1001), verdict="reply",
+             check=fields(src=LB_IP, dst=FAR_CLIENT, load=b"x" * 1001)),
+        Step(IP(src=CLIENT, dst=VIP, ttl=3, options=[IPOption_Router_Alert()])
+             / ICMP(type=8, id=1, seq=2) / Raw(b"opt"), verdict="reply",
+             check=fields(src=VIP, ihl=6, ttl=64, type=0, load=b"opt")),
+        Step(bytes(echo(load=b"pad")) + b"\0" * 5, verdict="reply",
+             check=lambda out, ctx: _assert(out.len == 31 and len(ctx["out_raw"]) == 31, "length")),
+        Step(None, action=lambda dp, ctx: None,
+             after=counters_are(flows=0, rejects=0, drops=0, rx_packets=5)),
+    ]),
+    Fixture("icmp_echo_elsewhere", "an echo request to anything but a live VIP is dropped as unmatched", [
+        drop(echo(dst=UNALLOCATED), "unallocated"),
+        drop(echo(dst="172.18.255.99"), "unallocated"),
+        drop(echo(dst=MASQ), "spoofed"),
+        drop(echo(dst=OUTSIDE), "no_service"),
+        drop(echo(dst=NODE), "no_service"),
+        drop(echo(code=1), "unallocated"),                   # code must be 0
+        drop(echo(type=0), "unsupported"),                   # an echo reply is not ours
+        drop(echo(type=5), "unsupported"),                   # redirect
+        drop(bytes(IP(src=CLIENT, dst=VIP, proto=1) / Raw(b"\x08\0\0\0\0\0\0")), "malformed"),
+        drop(bytes(IP(src=CLIENT, dst=VIP, proto=1)), "malformed"),
+        drop(IP(src=CLIENT, dst=VIP, flags="MF") / ICMP(type=8), "fragment"),
+    ]),
+
+    # --- ICMP: errors about tracked flows ---------------------------------------------------
+    Fixture("icmp_port_unreachable_udp", "a backend's port unreachable reaches the client from the VIP, quote un-NATed", [
+        Step(udp(load=b"query"), save="q"),
+        Step(icmp_error("q"), save="err",
+             check=checks(fields(src=VIP, dst=CLIENT, type=3, code=3), quotes("q"))),
+        Step(icmp_error("q", quote=28), check=checks(fields(src=VIP, dst=CLIENT), quotes("q"))),
+        Step(reply_to("q", load=b"late answer"), state="ASSURED",
+             check=fields(src=VIP, sport=53, dst=CLIENT)),       # the flow is untouched
+        Step(None, action=lambda dp, ctx: None,
+             after=service_counters_are({1: {"packets": 4, "flows": 1,
+                                             "bytes": 33 + 61 + 56 + 39}})),
+    ]),
+    Fixture("icmp_frag_needed_tcp", "frag needed from a router keeps the router as source and the MTU", [
+        Step(tcp("S", load=b"hello"), save="syn"),
+        Step(icmp_error("syn", code=4, src="10.244.9.1", quote=28, nexthopmtu=1400),
+             check=checks(fields(src="10.244.9.1", dst=CLIENT, type=3, code=4, nexthopmtu=1400),
+                          quotes("syn"))),
+        Step(icmp_error("syn", code=4, src="10.244.9.1", quote=48, nexthopmtu=1400),
+             check=checks(fields(src="10.244.9.1", dst=CLIENT), quotes("syn"))),
+        Step(icmp_error("syn", code=4, src="10.244.9.1", nexthopmtu=1400),
+             check=quotes("syn")),                           # the whole segment
+        Step(icmp_error("syn", code=4, src="10.244.9.1", quote=37), check=quotes("syn")),
+    ]),
+    Fixture("icmp_time_exceeded_reply_direction", "an error about a reply goes to the backend, from the masquerade address", [
+        Step(udp(load=b"q"), save="q"),
+        Step(reply_to("q", load=b"answer"), save="a"),
+        Step(icmp_error("a", type=11, code=0),
+             check=checks(fields(src=MASQ, dst=same("q", "dst"), type=11), quotes("a"))),
+        Step(icmp_error("a", type=11, code=0, src="10.0.0.254"),
+             check=checks(fields(src="10.0.0.254", dst=same("q", "dst")), quotes("a"))),
+    ]),
+    Fixture("icmp_param_problem_tcp", "parameter problem and host unreachable about an established flow", [
+        *handshake(),
+        Step(tcp("PA", seq=1001, ack=5001, load=b"data"), save="d"),
+        Step(icmp_error("d", type=12, code=0, ptr=20),
+             check=checks(fields(src=VIP, dst=CLIENT, type=12, ptr=20), quotes("d"))),
+        Step(icmp_error("d", type=3, code=1, quote=40), check=quotes("d")),
+        Step(tcp("A", seq=1005, ack=5001), state="ESTABLISHED"),
+    ]),
+    Fixture("icmp_hairpin_and_nodeport", "errors about node-port and hairpin flows", [
+        Step(tcp("S", dst=NODE, dport=30080), save="np"),
+        Step(icmp_error("np"), check=checks(fields(src=NODE, dst=CLIENT), quotes("np"))),
+        Step(udp(src=BACKENDS[1], dst=VIP_TWO, sport=45001), save="hp"),
+        Step(icmp_error("hp"), check=checks(fields(src=VIP_TWO, dst=BACKENDS[1]), quotes("hp"))),
+    ]),
+    Fixture("icmp_udp_zero_checksum_quote", "a quoted UDP checksum of 0 stays 0", [
+        Step(udp(chksum=0), save="q"),
+        Step(icmp_error("q"), check=checks(quotes("q"), lambda out, ctx: _assert(
+            ctx["out_raw"][48 + 6:48 + 8] == b"\0\0", "inner UDP checksum"))),
+    ]),
+    Fixture("icmp_error_no_flow", "an error about no tracked flow is dropped as unmatched", [
+        drop(IP(src=BACKENDS[0], dst=MASQ) / ICMP(type=3, code=3)
+             / IP(src=MASQ, dst=BACKENDS[0]) / UDP(sport=1111, dport=5353), "spoofed"),
+        drop(IP(src="10.244.9.1", dst=OUTSIDE) / ICMP(type=11)
+             / IP(src=OUTSIDE, dst=CLIENT) / TCP(sport=80, dport=40001), "no_service"),
+        drop(IP(src="10.244.9.1", dst=UNALLOCATED) / ICMP(type=3, code=1)
+             / IP(src=UNALLOCATED, dst=CLIENT) / TCP(sport=80, dport=40001), "unallocated"),
+        Step(udp(), save="q"),
+        Step(None, action=lambda dp, ctx: dp.delete_flows(17, ip(ctx["q"].dst))),
+        drop(icmp_error("q"), "spoofed"),
+    ]),
+    Fixture("icmp_error_malformed", "quotes too short or not IPv4 TCP/UDP", [
+        Step(udp(load=b"q" * 12), save="q"),
+        *[drop(icmp_error("q", quote=cut), "malformed") for cut in (0, 8, 19, 27)],
+        drop(icmp_error("q", edit=lambda b: b.__setitem__(0, 0x65)), "malformed"),    # version 6
+        drop(icmp_error("q", edit=lambda b: b.__setitem__(0, 0x44)), "malformed"),    # IHL 4
+        drop(icmp_error("q", quote=28, edit=lambda b: b.__setitem__(0, 0x46)), "malformed"),  # IHL 6: 24 + 8 > 28
+        drop(icmp_error("q", edit=lambda b: b.__setitem__(9, 1)), "unsupported"),     # inner ICMP
+        drop(icmp_error("q", edit=lambda b: b.__setitem__(9, 47)), "unsupported"),
+        Step(icmp_error("q", quote=28), check=quotes("q"),
+             after=counters_are(malformed=7, unsupported=2, flows=1)),
+    ]),
+
+    # --- CHECKSUM_PARTIAL (virtio-net NEEDS_CSUM) --------------------------------------------
+    Fixture("partial_checksum", "partial mode adjusts the L4 pseudo-header sum for addresses only", [
+        Step(as_partial(tcp("S", load=b"x" * 1000)), partial=True, save="syn",
+             check=FWD_TO_BACKEND),
+        Step(lambda ctx: as_partial(reply_to("syn", "SA", load=b"y" * 3)(ctx)), partial=True,
+             check=fields(src=VIP, sport=80, dst=CLIENT, dport=40001)),
+        Step(as_partial(udp(load=b"q" * 77)), partial=True, save="q",
+             check=fields(src=MASQ, dst=BACKENDS, dport=5353)),
+        Step(lambda ctx: as_partial(reply_to("q", load=b"a")(ctx)), partial=True,
+             check=fields(src=VIP, sport=53)),
+        Step(tcp("A", seq=1001, ack=5001), check=fields(dst=same("syn", "dst"))),   # full again
+    ]),
+
+    # --- schedulers, session affinity, stable ids -------------------------------------------
+    Fixture("sched_rr", "round robin: new flows take the backends in order; each service has its cursor", [
+        *[Step(tcp("S", sport=41000 + i), check=fields(dst=BACKENDS[i % 3])) for i in range(4)],
+        Step(udp(sport=41000), check=fields(dst=BACKENDS[0], dport=5353)),
+        Step(tcp("PA", sport=41000, seq=1001, load=b"x"), check=fields(dst=BACKENDS[0])),
+        *[Step(tcp("S", sport=41010 + i), check=fields(dst=BACKENDS[(i + 1) % 3])) for i in range(3)],
+    ], tables=sched_tables(1)),
+    Fixture("sched_lc", "least connections: new flows go where the fewest flows are, also after some end", [
+        *[Step(udp(sport=42000 + i), save=f"q{i}", after=_spread_within_one) for i in range(6)],
+        Step(None, action=_delete_to("q0", 17),
+             after=lambda dp, ctx: _assert(sorted(dp.active_flows(b) for b in range(3, 6)) == [1, 2, 2],
+                                           "after delete_flows")),
+        Step(udp(sport=42010), check=fields(dst=same("q0", "dst")), after=_spread_within_one),
+        Step(udp(sport=42000, load=b"refresh"), now=T0 + 20),
+        Step(udp(sport=42001, load=b"refresh"), now=T0 + 20),
+        Step(None, action=_expire(T0 + 31, 4)),      # q2..q5 and the new one are gone
+        Step(udp(sport=42020), now=T0 + 31, after=lambda dp, ctx: _assert(
+            sum(dp.active_flows(b) for b in range(3, 6)) == 3, "three flows left")),
+    ], tables=sched_tables(2)),
+    Fixture("sched_sh", "source hashing: one client address, one backend, whatever its ports", [
+        Step(tcp("S", sport=43000), save="first"),
+        *[Step(tcp("S", sport=43001 + i), check=fields(dst=same("first", "dst"))) for i in range(6)],
+        *[Step(udp(sport=43001 + i), save="u" if i == 0 else None) for i in range(3)],
+        *[Step(tcp("S", src=f"10.0.{i}.9", sport=43000)) for i in range(6)],
+    ], tables=sched_tables(3)),
+    Fixture("sched_mh", "Maglev: a (client, port) keeps its backend across flows and table generations", [
+        Step(udp(sport=44000), save="q"),
+        Step(None, action=_delete_to("q", 17)),
+        Step(udp(sport=44000), check=fields(dst=same("q", "dst"))),
+        Step(None, action=lambda dp, ctx: dp.swap(ctx["mod"].Tables(**ctx["tables"]()))),
+        Step(None, action=_delete_to("q", 17)),
+        Step(udp(sport=44000), check=fields(dst=same("q", "dst"))),
+        *[Step(tcp("S", src=f"10.0.{i}.{i + 1}", sport=44000 + 7 * i)) for i in range(8)],
+    ], tables=sched_tables(4)),
+    Fixture("affinity", "sessionAffinity: ClientIP: one backend per client until the timeout, never a removed one", [
+        Step(udp(sport=45000), save="a1"),
+        *[Step(udp(sport=45001 + i), now=T0 + 2 * i, check=fields(dst=same("a1", "dst")))
+          for i in range(5)],
+        *[Step(tcp("S", sport=45010 + i), now=T0 + 8) for i in range(3)],      # its own service
+        Step(udp(src=FAR_CLIENT, sport=45000), now=T0 + 9),
+        Step(udp(sport=45020), now=T0 + 8 + 9, check=fields(dst=same("a1", "dst"))),
+        Step(udp(sport=45021), now=T0 + 17 + 10, save="a2"),    # expired: scheduled anew
+        Step(None, action=_swap_without("a2")),
+        Step(udp(sport=45022), now=T0 + 28, save="a3",
+             check=fields(dst=lambda ctx: set(BACKENDS) - {ctx["a2"].dst})),
+        Step(udp(sport=45023), now=T0 + 29, check=fields(dst=same("a3", "dst"))),
+    ], tables=sched_tables(0, affinity=10)),
+    Fixture("affinity_rr", "affinity over round robin: a hit does not move the cursor", [
+        Step(udp(sport=46000), check=fields(dst=BACKENDS[0])),
+        Step(udp(sport=46001), check=fields(dst=BACKENDS[0])),
+        Step(udp(src=FAR_CLIENT, sport=46000), check=fields(dst=BACKENDS[1])),
+        Step(udp(sport=46002, src=FAR_CLIENT), now=T0 + 5, check=fields(dst=BACKENDS[1])),
+        Step(udp(sport=46003), now=T0 + 10, check=fields(dst=BACKENDS[2])),    # CLIENT's expired
+        Step(udp(sport=46004, src=FAR_CLIENT), now=T0 + 14, check=fields(dst=BACKENDS[1])),
+    ], tables=sched_tables(1, affinity=10)),
+    Fixture("stable_ids", "flows carry the stable service and backend ids; counters are kept by them", [
+        Step(tcp("S"), save="syn"),
+        Step(reply_to("syn", "SA")),
+        Step(udp(), save="q"),
+        Step(None, action=lambda dp, ctx: None, after=lambda dp, ctx: _assert(
+            sorted((f["svc"], f["backend"] // 100) for f in dp.flows(T0)) == [(7, 1), (9, 2)]
+            and dp.active_flows(100) + dp.active_flows(101) + dp.active_flows(102) == 1
+            and dp.active_flows(0) == 0, f"ids {dp.flows(T0)}")),
+        Step(None, action=lambda dp, ctx: None,
+             after=service_counters_are({7: {"packets": 2, "bytes": 80, "flows": 1},
+                                         9: {"packets": 1, "bytes": 33, "flows": 1},
+                                         0: {}, 1: {}})),
+    ], tables=sched_tables(0, ids=True)),
+    Fixture("service_counters", "per-service counters: forwarded, new flows, rejects, denied, ICMP", [
+        Step(tcp("S"), save="syn"),                             # web:http (0): flow, 40 bytes
+        Step(reply_to("syn", "SA")),                            # 40 bytes
+        drop(tcp("A", sport=2), "not_syn"),                     # not counted
+        reject(tcp("S", dst=VIP_NOEP)),                         # noep:http (2): reject
+        reject(tcp("S", dst=VIP, dport=81)),                    # no service: not counted
+        drop(tcp("S", src=FAR_CLIENT, dst=LB_IP), "source_denied"),   # lb:http (9): denied
+        Step(tcp("S", dst=LB_IP, sport=40009), save="lb"),      # lb:http: flow
+        Step(icmp_error("syn", quote=28)),                      # web:http: 56 bytes
+        Step(None, action=lambda dp, ctx: None, after=service_counters_are({
+            0: {"packets": 3, "bytes": 136, "flows": 1}, 2: {"rejects": 1},
+            9: {"packets": 1, "bytes": 40, "flows": 1, "denied": 1}, 1: {}, 10: {}})),
+    ]),
 ]
 
 
@@ -603,7 +968,7 @@ def run_fixture(mod, fx, check=True):
     """Runs a fixture against engine._fastpath or engine.refpath. Returns what
     came out of every step, the final counters and flow table."""
     dp = mod.Dataplane(ip(MASQ), tables=mod.Tables(**fx.tables()), **fx.dataplane)
-    ctx = {"mod": mod}
+    ctx = {"mod": mod, "tables": fx.tables}
     record = []
     last = T0
     for i, st in enumerate(fx.steps):
@@ -619,20 +984,25 @@ def run_fixture(mod, fx, check=True):
                 ctx["in"] = IP(raw)
             except Exception:       # too short for scapy: a malformed fixture
                 ctx["in"] = None
-            res = dp.process(raw, st.now)
+            res = dp.process(raw, st.now, partial=True) if st.partial else dp.process(raw, st.now)
             record.append(res)
             verdict, reason, out = res
             ctx["out_raw"] = out
             parsed = IP(out) if out is not None else None
             if st.save and parsed is not None:
                 ctx[st.save] = parsed
+                ctx[st.save + "_raw"] = out
+                ctx[st.save + "_in"] = raw
             if check:
                 assert (verdict, reason) == (st.verdict, st.reason), \
                     f"{where}: got {verdict}/{reason}, want {st.verdict}/{st.reason}"
                 assert (out is None) == (verdict == "drop"), where
                 if out is not None:
                     try:
-                        verify_checksums(out)
+                        if st.partial:
+                            verify_partial(out)
+                        else:
+                            verify_checksums(out)
                         if st.check:
                             st.check(parsed, ctx)
                     except AssertionError as e:
@@ -646,4 +1016,19 @@ def run_fixture(mod, fx, check=True):
                 st.after(dp, ctx)
             except AssertionError as e:
                 raise AssertionError(f"{where}: {e}") from e
-    return record, dp.counters(), dp.flows(last)
+    return record, full_counters(dp, fx.tables()), dp.flows(last)
+
+
+def full_counters(dp, tables_kw):
+    """counters() plus the per-service counters of every service id and the
+    active-flow count of every backend id in the tables."""
+    c = dp.counters()
+    svcs = tables_kw["services"]
+    c["services"] = dp.service_counters(sorted({s.get("id", i) for i, s in enumerate(svcs)}))
+    bids, n = set(), 0
+    for s in svcs:
+        for b in s["backends"]:
+            bids.add(b[2] if len(b) > 2 else n)
+            n += 1
+    c["active"] = {b: dp.active_flows(b) for b in sorted(bids)}
+    return c
