@@ -45,7 +45,6 @@ class DNSConfig:
     upstream: list = field(default_factory=list)
     ttl: int = 5
     port: int = 53
-    bind_address: Optional[str] = None     # local address the server listens on; default masqueradeIP + 1
 
 
 @dataclass
@@ -206,9 +205,7 @@ def parse_engine(doc, where):
             raise ConfigError(where, "scheduler", f"unknown scheduler {c.scheduler!r} (one of {', '.join(SCHEDULERS)})")
     if "dns" in doc:
         d = _map(where, "dns", doc["dns"])
-        _check_keys(where, "dns", d, {"clusterIP", "domain", "upstream", "ttl", "port", "bindAddress"})
-        if d.get("bindAddress"):
-            c.dns.bind_address = _ipv4(where, "dns.bindAddress", d["bindAddress"])
+        _check_keys(where, "dns", d, {"clusterIP", "domain", "upstream", "ttl", "port"})
         if "clusterIP" in d:
             c.dns.cluster_ip = None if d["clusterIP"] in (None, "", "None") else _ipv4(where, "dns.clusterIP", d["clusterIP"])
         if "domain" in d:

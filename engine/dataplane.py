@@ -37,8 +37,6 @@ class Engine:
         self.smap = None
         self.state = compiler.CompileState()
         self.dns = None
-        self.dns_bind = cfg.engine.dns.bind_address or \
-            str(ipaddress.IPv4Address(cfg.engine.masquerade_ip) + 1)
         self.base = cfg                 # objects from the files
         self.overrides = {}             # engine apply/delete: key -> [objects] | None
         self.lock = threading.RLock()   # one sync at a time
@@ -60,9 +58,13 @@ class Engine:
             self.tun.open(queues=self.queues, vnet=True)
             self.tun.enable_forwarding()
             if eng.dns.cluster_ip:
-                self.tun.add_address(self.dns_bind)
+                # the DNS VIP is an address of the node (on the TUN), as IPVS
+                # mode binds its VIPs: queries are delivered locally with the
+                # client's own source address, so the server can tell cluster
+                # clients from others and rate-limit per client
+                self.tun.add_address(eng.dns.cluster_ip)
                 from .dns import DNSServer
-                self.dns = DNSServer(eng.dns, self.dns_bind, eng.dns.port).start()
+                self.dns = DNSServer(eng.dns, eng.dns.cluster_ip, eng.dns.port).start()
             self.sync(self.cfg)             # program before traffic is steered in
             self.tun.add_route(eng.service_cidr)
             self.tun.add_route(f"{eng.masquerade_ip}/32")
@@ -111,8 +113,7 @@ class Engine:
         smap = servicemap.build(cfg, previous)
         node_addrs = self.node_port_addresses(cfg.engine)
         try:
-            tables = compiler.compile_tables(smap, cfg.engine, node_addrs=node_addrs, state=self.state,
-                                             extra=self.dns_rows(cfg.engine))
+            tables = compiler.compile_tables(smap, cfg.engine, node_addrs=node_addrs, state=self.state)
         except ValueError as e:        # e.g. two services claiming one external IP:port
             raise ConfigError(cfg.path or "config", "", str(e)) from None
         self.fp.swap(tables)
@@ -129,16 +130,6 @@ class Engine:
         for w in smap.warnings:
             log.warning("%s", w)
         return smap
-
-    def dns_rows(self, eng):
-        """Cluster DNS is a service like any other: its VIP, UDP and TCP 53,
-        leads to the engine's own server on the TUN's address."""
-        if not eng.dns.cluster_ip:
-            return []
-        vip = int(ipaddress.IPv4Address(eng.dns.cluster_ip))
-        be = [(int(ipaddress.IPv4Address(self.dns_bind)), eng.dns.port)]
-        return [dict(name="kube-system/kube-dns:dns", vip=vip, port=53, proto=17, backends=be, scheduler=0),
-                dict(name="kube-system/kube-dns:dns-tcp", vip=vip, port=53, proto=6, backends=be, scheduler=0)]
 
     # -- live changes ---------------------------------------------------------------
 
