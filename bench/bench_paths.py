@@ -578,6 +578,7 @@ def main():
     try:
         lab = Lab(pods=0)
         with lab:
+            log(f"lab namespaces: {lab.prefix}-*")
             for _ in range(3):
                 lab.add_pod(server=False)
             bench = Bench(lab, tmp, args.quick)

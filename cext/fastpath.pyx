@@ -771,6 +771,83 @@ cdef class Dataplane:
             PyThread_release_lock(self.lock)
         return removed
 
+    def export_flows(self, double now=-1):
+        """The live flow table as bytes (ENTRY_BYTES per flow, `expires`
+        holding the seconds left), for a restart to pick up."""
+        cdef uint32_t id, tnow, n = 0
+        cdef ct_entry_t *e
+        cdef ct_entry_t *out
+        if now < 0:
+            now = _monotonic()
+        tnow = <uint32_t>now
+        PyThread_acquire_lock(self.lock, WAIT_LOCK)
+        try:
+            buf = bytearray(<size_t>self.ct.count * sizeof(ct_entry_t))
+            if self.ct.count:
+                out = <ct_entry_t *><char *>buf
+                for id in range(self.ct.max):
+                    e = &self.ct.entries[id]
+                    if e.state == CT_FREE or e.expires <= tnow or n >= self.ct.count:
+                        continue
+                    out[n] = e[0]
+                    out[n].expires = e.expires - tnow
+                    n += 1
+        finally:
+            PyThread_release_lock(self.lock)
+        return bytes(buf[:<size_t>n * sizeof(ct_entry_t)])
+
+    def import_flows(self, const uint8_t[:] data, double now=-1, dict svc_ids=None,
+                     dict backend_ids=None, uint32_t elapsed=0):
+        """Insert flows from export_flows(); ids are mapped old -> new (an
+        unknown service counts into the last id, an unknown backend into
+        none). Records that are malformed, expired or clash with a flow
+        already here are skipped. Returns how many were taken."""
+        cdef Py_ssize_t n = data.shape[0] // sizeof(ct_entry_t), i
+        cdef ct_entry_t rec
+        cdef ct_entry_t *e
+        cdef int64_t id
+        cdef uint32_t tnow, taken = 0
+        cdef uint64_t dummy = 0
+        if data.shape[0] % sizeof(ct_entry_t):
+            raise ValueError("flow snapshot length is not a whole number of entries")
+        if now < 0:
+            now = _monotonic()
+        tnow = <uint32_t>now
+        svc_ids = svc_ids or {}
+        backend_ids = backend_ids or {}
+        PyThread_acquire_lock(self.lock, WAIT_LOCK)
+        try:
+            for i in range(n):
+                memcpy(&rec, &data[i * sizeof(ct_entry_t)], sizeof(ct_entry_t))
+                if (rec.state == CT_FREE or rec.state >= CT_NSTATES or rec.expires <= elapsed
+                        or rec.key[0].proto != rec.key[1].proto
+                        or (rec.key[0].proto != PROTO_TCP and rec.key[0].proto != PROTO_UDP)):
+                    continue
+                rec.key[0].family = rec.key[1].family = 4
+                rec.key[0].pad = rec.key[1].pad = 0
+                if ct_find(&self.ct, &rec.key[0]) >= 0 or ct_find(&self.ct, &rec.key[1]) >= 0:
+                    continue
+                if self.ct.nfree == 0:
+                    break
+                id = ct_alloc(&self.ct, tnow, &dummy)
+                if id < 0:
+                    break
+                e = &self.ct.entries[id]
+                e[0] = rec
+                e.expires = tnow + rec.expires - elapsed
+                e.svc = svc_ids.get(rec.svc, self.max_services - 1)
+                e.backend = backend_ids.get(rec.backend, 0xffffffffU)
+                if e.svc >= self.max_services:
+                    e.svc = self.max_services - 1
+                if e.backend < self.ct.nactive:
+                    self.ct.active[e.backend] += 1
+                ct_index_add(&self.ct, <uint32_t>(id * 2))
+                ct_index_add(&self.ct, <uint32_t>(id * 2 + 1))
+                taken += 1
+        finally:
+            PyThread_release_lock(self.lock)
+        return taken
+
     def expire(self, double now, uint32_t budget=0xffffffff):
         """Sweep expired flows (tests pass their own clock)."""
         PyThread_acquire_lock(self.lock, WAIT_LOCK)

@@ -41,6 +41,8 @@ def cmd_run(args):
     cfg = config_mod.load(args.config)
     if args.control_socket:
         cfg.engine.control_socket = args.control_socket
+    if args.state_file:
+        cfg.engine.state_file = args.state_file
     for n in cfg.notes:
         log.info("%s", n)
     eng = Engine(cfg)
@@ -142,6 +144,7 @@ def main(argv=None):
     r = sub.add_parser("run", help="run the engine in the foreground")
     r.add_argument("config")
     r.add_argument("--control-socket", help="overrides controlSocket of the configuration")
+    r.add_argument("--state-file", help="overrides stateFile of the configuration")
     c = sub.add_parser("check", help="validate a configuration and print the resolved table")
     c.add_argument("config")
     d = sub.add_parser("demo", help="play the seed walkthrough in a namespace lab")

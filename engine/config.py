@@ -70,6 +70,7 @@ class EngineConfig:
     metrics_bind_address: Optional[str] = "127.0.0.1:10249"
     healthz_bind_address: Optional[str] = "127.0.0.1:10256"
     control_socket: str = "/run/engine/engine.sock"
+    state_file: Optional[str] = None       # conntrack handed to the next start; default /run/engine/<tunName>.flows
     manifests: list = field(default_factory=list)
 
 
@@ -171,7 +172,7 @@ def _check_keys(where, fld, d, allowed):
 _ENGINE_KEYS = {"apiVersion", "kind", "tunName", "serviceCIDR", "nodePortRange",
                 "nodePortAddresses", "masqueradeIP", "loadBalancerCIDR", "scheduler",
                 "dns", "conntrack", "metricsBindAddress", "healthzBindAddress",
-                "controlSocket", "manifests"}
+                "controlSocket", "stateFile", "manifests"}
 
 
 def parse_engine(doc, where):
@@ -236,6 +237,8 @@ def parse_engine(doc, where):
         c.healthz_bind_address = _hostport(where, "healthzBindAddress", doc["healthzBindAddress"])
     if "controlSocket" in doc:
         c.control_socket = _str(where, "controlSocket", doc["controlSocket"])
+    if doc.get("stateFile"):
+        c.state_file = _str(where, "stateFile", doc["stateFile"])
     if "manifests" in doc:
         c.manifests = [_str(where, f"manifests[{i}]", m) for i, m in enumerate(_list(where, "manifests", doc["manifests"]))]
     masq = ipaddress.IPv4Address(c.masquerade_ip)

@@ -37,6 +37,7 @@ class Engine:
         self.smap = None
         self.state = compiler.CompileState()
         self.dns = None
+        self.state_file = cfg.engine.state_file or f"/run/engine/{cfg.engine.tun_name}.flows"
         self.base = cfg                 # objects from the files
         self.overrides = {}             # engine apply/delete: key -> [objects] | None
         self.lock = threading.RLock()   # one sync at a time
@@ -66,6 +67,7 @@ class Engine:
                 from .dns import DNSServer
                 self.dns = DNSServer(eng.dns, eng.dns.cluster_ip, eng.dns.port).start()
             self.sync(self.cfg)             # program before traffic is steered in
+            self.restore_flows()
             self.tun.add_route(eng.service_cidr)
             self.tun.add_route(f"{eng.masquerade_ip}/32")
             if eng.load_balancer_cidr:
@@ -93,6 +95,8 @@ class Engine:
         self._stop.set()
         for th in self._workers:
             th.join(timeout=2)
+        if self._workers:
+            self.save_flows()
         if self.dns:
             self.dns.close()
         if self.tun:
@@ -131,12 +135,74 @@ class Engine:
             log.warning("%s", w)
         return smap
 
+    # -- restart without loss ---------------------------------------------------------
+
+    SNAPSHOT_MAX_AGE = 600      # seconds; an older snapshot describes flows long gone
+
+    def save_flows(self):
+        """Write the flow table for the next start (on SIGTERM/SIGINT)."""
+        import json
+        data = self.fp.export_flows()
+        header = {"version": 1, "time": time.time(), "masq": self.cfg.engine.masquerade_ip,
+                  "entry_bytes": _fastpath.ENTRY_BYTES,
+                  "services": {i: n for n, i in self.state.services.ids.items()},
+                  "backends": {i: f"{ip}:{port}" for (ip, port), i in self.state.backends.ids.items()}}
+        try:
+            os.makedirs(os.path.dirname(self.state_file) or ".", mode=0o700, exist_ok=True)
+            tmp = self.state_file + ".tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(json.dumps(header).encode() + b"\n" + data)
+            os.replace(tmp, self.state_file)
+            log.info("saved %d flows to %s", len(data) // _fastpath.ENTRY_BYTES, self.state_file)
+        except OSError as e:
+            log.warning("cannot save flows to %s: %s", self.state_file, e)
+
+    def restore_flows(self):
+        """Take over the flows a previous engine saved, then remove the file."""
+        import json
+        try:
+            with open(self.state_file, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return 0
+        except OSError as e:
+            log.warning("cannot read %s: %s", self.state_file, e)
+            return 0
+        try:
+            os.unlink(self.state_file)
+        except OSError:
+            pass
+        try:
+            line, data = raw.split(b"\n", 1)
+            h = json.loads(line)
+            age = time.time() - float(h["time"])
+            if h.get("version") != 1 or h.get("entry_bytes") != _fastpath.ENTRY_BYTES:
+                raise ValueError("snapshot of another format")
+            if h.get("masq") != self.cfg.engine.masquerade_ip:
+                raise ValueError("snapshot of another masquerade address")
+            if not 0 <= age < self.SNAPSHOT_MAX_AGE:
+                raise ValueError(f"snapshot is {age:.0f}s old")
+            svc = {int(old): self.state.services.ids[name] for old, name in h["services"].items()
+                   if name in self.state.services.ids}
+            bk = {}
+            for old, ep in h["backends"].items():
+                ip, _, port = ep.rpartition(":")
+                if (ip, int(port)) in self.state.backends.ids:
+                    bk[int(old)] = self.state.backends.ids[(ip, int(port))]
+            n = self.fp.import_flows(data, svc_ids=svc, backend_ids=bk, elapsed=int(age))
+            log.info("took over %d flows from %s (%.1fs old)", n, self.state_file, age)
+            return n
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring flow snapshot %s: %s", self.state_file, e)
+            return 0
+
     # -- live changes ---------------------------------------------------------------
 
     # settings that shape the TUN and routes: a change needs a restart
     RESTART_FIELDS = ("tun_name", "service_cidr", "masquerade_ip", "load_balancer_cidr",
                       "node_port_range", "metrics_bind_address", "healthz_bind_address",
-                      "control_socket")
+                      "control_socket", "state_file", "dns")
 
     def reload(self):
         """Re-read the configuration files and apply them. A bad change is
@@ -144,6 +210,7 @@ class Engine:
         with self.lock:
             cfg = config_mod.load(self.base.path)
             cfg.engine.control_socket = self.base.engine.control_socket     # may come from the command line
+            cfg.engine.state_file = self.base.engine.state_file
             for f in self.RESTART_FIELDS:
                 if getattr(cfg.engine, f) != getattr(self.base.engine, f):
                     raise ConfigError(self.base.path, f, "changes only on restart; reload refused")

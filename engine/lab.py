@@ -414,6 +414,12 @@ status: {{podIP: {p.ip}, conditions: [{{type: Ready, status: "True"}}]}}
             f.write(config_text)
         return EngineProc(self, path, healthz, timeout, args)
 
+    def restart_engine(self, eng, timeout=15.0):
+        """SIGTERM eng, then start a new engine on the same configuration
+        (and so the same flow snapshot); returns the new EngineProc."""
+        eng.stop()
+        return EngineProc(self, eng.path, eng.healthz, timeout)
+
     # ---- internals ----------------------------------------------------------
 
     def _need_up(self):
@@ -560,11 +566,11 @@ class EngineProc:
     def __init__(self, lab, path, healthz, timeout, args=()):
         self.lab = lab
         self.path = path
-        self.log_path = path + ".log"
+        self.log_path = "%s.%d.log" % (path, time.monotonic_ns())   # one per start: restarts keep both
         self._log = open(self.log_path, "wb")
         self.socket = path + ".sock"
         self.proc = lab.popen(lab.node_ns, [sys.executable, "-m", "engine", *args, "run", path,
-                                            "--control-socket", self.socket],
+                                            "--control-socket", self.socket, "--state-file", path + ".flows"],
                               stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                               cwd=REPO_ROOT)
         self.healthz = healthz

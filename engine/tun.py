@@ -144,17 +144,15 @@ class Tun:
             self.ipr.route("replace", dst="0.0.0.0/0", oif=self.index, table=NODEPORT_TABLE)
             self._undo.append(lambda: self._quiet(self.ipr.route, "del", dst="0.0.0.0/0", oif=self.index,
                                                   table=NODEPORT_TABLE))
-            self.ipr.rule("add", priority=PRIO_FROM_TUN, iifname=self.name, table=LOCAL_TABLE)
+            self._rule_add(priority=PRIO_FROM_TUN, iifname=self.name, table=LOCAL_TABLE)
             self._undo.append(lambda: self._quiet(self.ipr.rule, "del", priority=PRIO_FROM_TUN,
                                                   iifname=self.name, table=LOCAL_TABLE))
+            # (a killed engine may have moved it already: then it is ours to move back)
             if not self._has_rule(PRIO_LOCAL, LOCAL_TABLE):
                 self.ipr.rule("add", priority=PRIO_LOCAL, table=LOCAL_TABLE)
-                self._undo.append(lambda: self._quiet(self.ipr.rule, "del", priority=PRIO_LOCAL,
-                                                      table=LOCAL_TABLE))
             if self._has_rule(0, LOCAL_TABLE):
                 self.ipr.rule("del", priority=0, table=LOCAL_TABLE)
-                # restore before PRIO_LOCAL goes (undo runs in reverse)
-                self._undo.append(lambda: self._quiet(self.ipr.rule, "add", priority=0, table=LOCAL_TABLE))
+            self._undo.append(self._restore_local_rule)
             self._reserve_ports(lo, hi)
             self._undo.append(lambda: [self._del_np_rule(r) for r in list(self._np_rules)])
         want = {(a, proto, lo, hi) for a in addresses for proto in (6, 17)}
@@ -162,9 +160,23 @@ class Tun:
             self._del_np_rule(r)
         for r in sorted(want - self._np_rules):
             a, proto, lo_, hi_ = r
-            self.ipr.rule("add", priority=PRIO_NODEPORT, dst=a, dst_len=32, ip_proto=proto,
-                          dport_range=f"{lo_}:{hi_}", table=NODEPORT_TABLE)
+            self._rule_add(priority=PRIO_NODEPORT, dst=a, dst_len=32, ip_proto=proto,
+                           dport_range=f"{lo_}:{hi_}", table=NODEPORT_TABLE)
             self._np_rules.add(r)
+
+    def _restore_local_rule(self):
+        if not self._has_rule(0, LOCAL_TABLE):
+            self._quiet(self.ipr.rule, "add", priority=0, table=LOCAL_TABLE)
+        if self._has_rule(PRIO_LOCAL, LOCAL_TABLE):
+            self._quiet(self.ipr.rule, "del", priority=PRIO_LOCAL, table=LOCAL_TABLE)
+
+    def _rule_add(self, **kw):
+        """Add a rule; one left by an engine that was killed is taken over."""
+        try:
+            self.ipr.rule("add", **kw)
+        except NetlinkError as e:
+            if e.code != 17:        # EEXIST
+                raise
 
     def _del_np_rule(self, r):
         a, proto, lo, hi = r

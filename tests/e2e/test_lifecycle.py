@@ -31,3 +31,40 @@ def test_rules_are_removed_on_exit(lab):
     after = lab.run(lab.node_ns, ["ip", "rule"]).stdout
     assert after == before
     assert "2004" not in lab.run(lab.node_ns, ["ip", "route", "show", "table", "all"]).stdout
+
+
+def test_restart_keeps_a_long_transfer(lab):
+    """SIGTERM writes the flow table; the next start takes it over, so an
+    established download carries on after a few retransmissions."""
+    import subprocess
+    text = "---\n".join([ENGINE + "tunName: kube-tun7\n", seed("service-exam.yaml")]) + lab.pod_manifests()
+    eng = lab.start_engine(text)
+    size = 60_000_000
+    dl = lab.popen(lab.client_ns, ["curl", "-s", "-o", "/dev/null", "--limit-rate", "10M", "-m", "60",
+                                    "-w", "%{size_download} %{http_code}", f"http://10.96.100.100/bytes/{size}"],
+                   stdout=subprocess.PIPE, text=True)
+    import time
+    time.sleep(1.5)
+    flows_before = eng.ctl("conntrack", "-p", "tcp").stdout
+    assert "ESTABLISHED" in flows_before
+    eng2 = lab.restart_engine(eng)
+    try:
+        assert "saved" in eng.log() and "took over" in eng2.log(), (eng.log(), eng2.log())
+        out, _ = dl.communicate(timeout=90)
+        assert out.split() == [str(size), "200"], out
+    finally:
+        assert eng2.stop() == 0
+
+
+def test_start_after_sigkill_takes_over_leftovers(lab):
+    """A killed engine leaves its ip rules behind (the TUN goes with its fd);
+    the next start must take them over, and its exit remove them."""
+    import signal
+    text = "---\n".join([ENGINE + "tunName: kube-tun6\n", seed("nodeport-exam.yaml")]) + lab.pod_manifests()
+    before = lab.run(lab.node_ns, ["ip", "rule"]).stdout
+    eng = lab.start_engine(text)
+    eng.stop(sig=signal.SIGKILL)
+    eng2 = lab.restart_engine(eng)
+    assert lab.run(lab.client_ns, ["curl", "-s", "-m", "5", f"http://{NODE}:30200/"]).returncode == 0
+    assert eng2.stop() == 0
+    assert lab.run(lab.node_ns, ["ip", "rule"]).stdout == before

@@ -10,12 +10,13 @@ import struct
 import pytest
 from hypothesis import given, settings, HealthCheck
 from hypothesis import strategies as st
-from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP
 
 from engine import _fastpath, refpath
 from packets import (BACKENDS, CLIENT, FIXTURES, LB_IP, MASQ, NODE, OUTSIDE, T0,
                      UNALLOCATED, VIP, VIP_MULTI, VIP_NOEP, VIP_ONE, VIP_TWO,
-                     default_tables, ip, run_fixture, tcp, udp, verify_checksums)
+                     as_partial, default_tables, ip, run_fixture, tcp, udp, verify_checksums,
+                     verify_partial)
 
 MODULES = [pytest.param(_fastpath, id="fastpath"), pytest.param(refpath, id="refpath")]
 FIXTURE_PARAMS = [pytest.param(fx, id=fx.id) for fx in FIXTURES]
@@ -44,8 +45,15 @@ def test_fixture_same_bytes(fx):
 
 
 def test_exported_names_match():
-    for name in ("DROP_REASONS", "COUNTERS", "STATE_NAMES", "DEFAULT_TIMEOUTS"):
+    for name in ("DROP_REASONS", "COUNTERS", "SERVICE_COUNTERS", "STATE_NAMES",
+                 "DEFAULT_TIMEOUTS", "MAGLEV_SIZE"):
         assert getattr(refpath, name) == getattr(_fastpath, name), name
+    for cls in ("Dataplane", "Tables"):
+        public = {n for n in dir(getattr(_fastpath, cls)) if not n.startswith("_")}
+        public -= {"run_io"}                    # TUN I/O: the C module's alone
+        missing = public - set(dir(getattr(refpath, cls)))
+        assert not missing, f"refpath.{cls} lacks {missing}"
+    assert callable(refpath.maglev_table) and callable(refpath.monotonic)
     # the reference stands alone: standard library imports only
     tree = ast.parse(open(refpath.__file__).read())
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
@@ -75,6 +83,21 @@ def test_argument_checks(mod):
     c = dp.counters()
     assert c["max_flows"] == 4 and c["flows"] == 0
     assert set(c["drops_by_reason"]) == set(mod.DROP_REASONS[1:])
+    dp = mod.Dataplane(ip(MASQ), max_flows=4, max_services=8, max_backends=16, affinity_size=3)
+    assert dp.service_counters([0, 7]) == {i: dict.fromkeys(mod.SERVICE_COUNTERS, 0) for i in (0, 7)}
+    with pytest.raises(ValueError):
+        dp.service_counters([8])
+    with pytest.raises(ValueError):
+        dp.service_counters([-1])
+    assert dp.active_flows(15) == 0
+    with pytest.raises(ValueError):
+        dp.active_flows(16)
+    with pytest.raises(OverflowError):
+        dp.active_flows(-1)
+    with pytest.raises(ValueError):                  # Maglev: 65534 backends at most
+        mod.Tables([dict(svc, scheduler=4, backends=[(ip("10.244.0.0") + i, 80) for i in range(65535)])])
+    with pytest.raises(ValueError):
+        mod.maglev_table([])
 
 
 @pytest.mark.parametrize("mod", MODULES)
@@ -104,6 +127,39 @@ def test_udp_computed_zero_checksum_is_ffff(mod):
     _, _, out = dataplane(mod).process(bytes(udp(load=struct.pack("!H", c0))), T0)
     assert IP(out)[UDP].chksum == 0xffff
     verify_checksums(out)
+
+
+@pytest.mark.parametrize("mod", MODULES)
+def test_partial_checksum(mod):
+    """CHECKSUM_PARTIAL input (what test_offload checks on the fast path):
+    the L4 field tracks the address change only, both ways, no UDP-zero rule."""
+    dp = dataplane(mod)
+    for p in (tcp("S", load=b"x" * 1000), udp(load=b"q" * 77)):
+        verdict, _, out = dp.process(as_partial(p), T0, partial=True)
+        assert verdict == "forward"
+        verify_partial(out)
+        o = IP(out)
+        back = (IP(src=o.dst, dst=o.src) / (TCP(sport=o.dport, dport=o.sport, flags="SA")
+                                             if o.proto == 6 else UDP(sport=o.dport, dport=o.sport)))
+        verdict, _, out2 = dp.process(as_partial(back), T0, partial=True)
+        assert verdict == "forward" and IP(out2).src == VIP
+        verify_partial(out2)
+    # the same packet without partial: a full incremental update, valid checksums
+    _, _, out = dp.process(bytes(udp(sport=40009)), T0)
+    verify_checksums(out)
+
+
+def test_partial_same_bytes():
+    """Partial mode on any field value, including 0 in UDP (no zero rule)."""
+    dps = [dataplane(m) for m in (_fastpath, refpath)]
+    r = random.Random(5)
+    for i in range(300):
+        p = bytearray(bytes(tcp("S", sport=1000 + i) if i % 2 else udp(sport=1000 + i)))
+        off = 20 + (16 if p[9] == 6 else 6)
+        p[off:off + 2] = r.choice([b"\0\0", b"\xff\xff", r.randbytes(2)])
+        outs = [dp.process(bytes(p), T0, partial=True) for dp in dps]
+        assert outs[0] == outs[1], i
+    assert dps[0].flows(T0) == dps[1].flows(T0)
 
 
 def test_process_batch_same():
@@ -185,11 +241,101 @@ def test_random_traffic_same_bytes(seed):
     assert all(c["drops_by_reason"][k] for k in ("malformed", "not_syn", "spoofed", "no_service"))
 
 
+def varied_tables(seed):
+    """The default topology with a scheduler (random, rr, lc, sh, mh), session
+    affinity on some service ports, and stable ids that are not indexes."""
+    r = random.Random(seed)
+    kw = default_tables()
+    for i, s in enumerate(kw["services"]):
+        s["scheduler"] = r.randrange(5)
+        s["id"] = 3 * i + 1
+        if r.random() < 0.5:
+            s["affinity_timeout"] = r.choice([1, 5, 40])
+        s["backends"] = [(a, p, 1000 + 7 * i + j) for j, (a, p) in enumerate(s["backends"])]
+    return kw
+
+
+ICMP_SOURCES = [CLIENT, "10.0.0.2", BACKENDS[0], BACKENDS[1], "10.244.9.1"]
+
+
+def _random_icmp(r, recent):
+    if not recent or r.random() < 0.25:
+        typ = r.choice([8, 8, 8, 0, 13])
+        return bytes(IP(src=r.choice(CLIENTS), dst=r.choice(DESTS)[0])
+                     / ICMP(type=typ, code=r.choice([0, 0, 0, 1]), id=r.randrange(65536), seq=1)
+                     / r.choice([b"", b"ping", bytes(100)]))
+    quoted = r.choice(recent)
+    q = quoted[:r.choice([0, 8, 20, 27, 28, 36, 37, 38, 48, len(quoted)])]
+    typ = r.choice([3, 3, 11, 12, 5])
+    src = r.choice(ICMP_SOURCES + [IP(quoted).dst])
+    dst = r.choice([MASQ, IP(quoted).src, VIP, OUTSIDE])
+    return bytes(IP(src=src, dst=dst) / ICMP(type=typ, code=r.choice([0, 1, 3, 4])) / q)
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_random_traffic_varied_same_bytes(seed):
+    """Schedulers, session affinity (a tiny table: victims), stable ids, ICMP
+    echo and errors quoting earlier outputs, CHECKSUM_PARTIAL input: the two
+    agree on every byte, counter, per-service counter and active-flow count."""
+    r = random.Random(seed)
+    kw = varied_tables(seed)
+    dps = [m.Dataplane(ip(MASQ), tables=m.Tables(**kw), max_flows=12, port_range=(40000, 40009),
+                       seed=seed, affinity_size=16, max_services=64, max_backends=2048)
+           for m in (_fastpath, refpath)]
+    ids = sorted({s["id"] for s in kw["services"]})
+    bids = sorted({b[2] for s in kw["services"] for b in s["backends"]})
+    recent = []
+    now = T0
+    for i in range(2500):
+        now += r.choice([0] * 30 + [1, 2, 7, 31, 65])
+        if r.random() < 0.03:
+            budget = r.randint(1, 30)
+            assert dps[0].expire(now, budget) == dps[1].expire(now, budget)
+            continue
+        if r.random() < 0.01:
+            proto, b = r.choice([6, 17]), r.choice(BACKENDS)
+            assert dps[0].delete_flows(proto, ip(b)) == dps[1].delete_flows(proto, ip(b))
+        if r.random() < 0.005:      # a new generation: rr cursors restart, affinity stays
+            for d, m in zip(dps, (_fastpath, refpath)):
+                d.swap(m.Tables(**kw))
+        partial = False
+        if r.random() < 0.2:
+            raw = _random_icmp(r, recent)
+        else:
+            raw = _random_packet(r, dps[1].flows(now))
+            if r.random() < 0.15:
+                raw, partial = as_partial(IP(raw)), True
+        mutated = r.random() < 0.03
+        if mutated:
+            b = bytearray(raw)
+            b[r.randrange(len(b))] = r.randrange(256)
+            raw = bytes(b)
+        c, ref = dps[0].process(raw, now, partial=partial), dps[1].process(raw, now, partial=partial)
+        assert c == ref, f"packet {i}: {raw.hex()}\nfastpath {c}\nrefpath  {ref}"
+        if c[2] is not None and not mutated and not partial:
+            verify_checksums(c[2])
+            recent = (recent + [c[2]])[-20:]
+        if i % 100 == 0:
+            assert dps[0].flows(now) == dps[1].flows(now)
+            assert dps[0].service_counters(ids) == dps[1].service_counters(ids)
+            assert [dps[0].active_flows(b) for b in bids] == [dps[1].active_flows(b) for b in bids]
+    assert dps[0].counters() == dps[1].counters()
+    assert dps[0].flows(now) == dps[1].flows(now)
+    assert dps[0].service_counters(ids) == dps[1].service_counters(ids)
+    active = [dps[0].active_flows(b) for b in bids]
+    assert active == [dps[1].active_flows(b) for b in bids]
+    assert sum(active) == dps[0].counters()["flows"]
+    per = dps[0].service_counters(ids)
+    assert all(sum(v[k] for v in per.values()) for k in ("packets", "flows", "rejects", "denied"))
+
+
 # --- fuzz: malformed input never crashes either and both agree ------------------------
 
 _BASES = [bytes(p) for p in (
     tcp("S"), tcp("PA", load=b"data"), udp(), udp(dst=VIP_NOEP),
     tcp("S", options=[]), IP(dst=VIP, ihl=6, options=b"\x01\x01\x01\x00") / TCP(dport=80),
+    IP(src=CLIENT, dst=VIP) / ICMP(type=8) / b"ping",
+    IP(src=BACKENDS[0], dst=MASQ) / ICMP(type=3, code=3) / bytes(udp(src=MASQ, dst=BACKENDS[0], sport=1024, dport=5353)),
 )]
 
 
