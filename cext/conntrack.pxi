@@ -45,6 +45,7 @@ cdef enum:
 cdef enum:
     CTF_FIN_ORIG = 1
     CTF_FIN_REPLY = 2
+    CTF_ACTIVE = 4              # counted in active[backend]: open, not yet closing (IPVS ActiveConn)
 
 
 cdef inline uint64_t flow_hash(const flow_key_t *k) noexcept nogil:
@@ -157,11 +158,15 @@ cdef inline void ct_index_del(conntrack_t *ct, uint32_t ref) noexcept nogil:
         i = j
     ct.slots[i] = 0
 
+cdef inline void ct_deactivate(conntrack_t *ct, ct_entry_t *e) noexcept nogil:
+    if (e.flags & CTF_ACTIVE) and e.backend < ct.nactive and ct.active[e.backend]:
+        ct.active[e.backend] -= 1
+    e.flags &= ~CTF_ACTIVE
+
 cdef inline void ct_remove(conntrack_t *ct, uint32_t id) noexcept nogil:
     ct_index_del(ct, id * 2)
     ct_index_del(ct, id * 2 + 1)
-    if ct.entries[id].backend < ct.nactive and ct.active[ct.entries[id].backend]:
-        ct.active[ct.entries[id].backend] -= 1
+    ct_deactivate(ct, &ct.entries[id])
     ct.entries[id].state = CT_FREE
     ct.free_ids[ct.nfree] = id
     ct.nfree += 1

@@ -398,6 +398,8 @@ cdef class Dataplane:
             nat_rewrite(p, l4, proto, other.daddr, other.dport, other.saddr, other.sport, partial)
             if proto == PROTO_TCP:
                 e.state = tcp_next_state(e.state, &e.flags, dir, th)
+                if e.state == CT_TIME_WAIT or e.state == CT_CLOSE:
+                    ct_deactivate(&self.ct, e)
             elif dir == DIR_REPLY:
                 e.state = CT_UDP_ASSURED
             e.expires = now + self.timeouts[e.state]
@@ -454,12 +456,13 @@ cdef class Dataplane:
         e.key[DIR_REPLY] = rk
         e.svc = sv.id
         e.backend = b.id
+        e.flags = 0
         if b.id < self.ct.nactive:
             self.ct.active[b.id] += 1
+            e.flags = CTF_ACTIVE
         self.svc_stats[sv.id * NSVC_STATS + S_FLOWS] += 1
         self.svc_stats[sv.id * NSVC_STATS + S_PACKETS] += 1
         self.svc_stats[sv.id * NSVC_STATS + S_BYTES] += tot
-        e.flags = 0
         e.state = CT_SYN_SENT if proto == PROTO_TCP else CT_UDP_UNREPLIED
         e.expires = now + self.timeouts[e.state]
         ct_index_add(&self.ct, <uint32_t>(id * 2))
@@ -839,8 +842,10 @@ cdef class Dataplane:
                 e.backend = backend_ids.get(rec.backend, 0xffffffffU)
                 if e.svc >= self.max_services:
                     e.svc = self.max_services - 1
-                if e.backend < self.ct.nactive:
+                e.flags &= ~CTF_ACTIVE
+                if e.backend < self.ct.nactive and e.state != CT_TIME_WAIT and e.state != CT_CLOSE:
                     self.ct.active[e.backend] += 1
+                    e.flags |= CTF_ACTIVE
                 ct_index_add(&self.ct, <uint32_t>(id * 2))
                 ct_index_add(&self.ct, <uint32_t>(id * 2 + 1))
                 taken += 1

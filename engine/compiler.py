@@ -72,7 +72,8 @@ def rows(smap, engine_cfg, extra=(), state=None):
             proto = PROTOCOLS[pi.port.protocol]
             name = info.port_name(pi)
             if state:
-                backends = [(_int(e.ip), e.port, state.backends.get((e.ip, e.port))) for e in pi.usable]
+                # one id per (service port, endpoint): lc counts flows per service, as IPVS
+                backends = [(_int(e.ip), e.port, state.backends.get((name, e.ip, e.port))) for e in pi.usable]
             else:
                 backends = [(_int(e.ip), e.port) for e in pi.usable]
             base = dict(name=name, port=pi.port.port, proto=proto, backends=backends, scheduler=sched)
@@ -92,7 +93,7 @@ def rows(smap, engine_cfg, extra=(), state=None):
     for r in extra:
         if state:
             r = dict(r, id=state.services.get(r["name"]),
-                     backends=[(a, p, state.backends.get((str(ipaddress.IPv4Address(a)), p)))
+                     backends=[(a, p, state.backends.get((r["name"], str(ipaddress.IPv4Address(a)), p)))
                                for a, p, *_ in r["backends"]])
         out.append(r)
     return out
@@ -104,7 +105,7 @@ def compile_tables(smap, engine_cfg, node_addrs=(), extra=(), state=None):
     rs = rows(smap, engine_cfg, extra, state)
     if state:
         state.services.retain({r["name"] for r in rs})
-        state.backends.retain({(str(ipaddress.IPv4Address(b[0])), b[1]) for r in rs for b in r["backends"]})
+        state.backends.retain({(r["name"], str(ipaddress.IPv4Address(b[0])), b[1]) for r in rs for b in r["backends"]})
     vips = sorted({r["vip"] for r in rs if r["vip"]})
     drop = [_cidr(engine_cfg.service_cidr)]
     if engine_cfg.load_balancer_cidr:

@@ -146,7 +146,7 @@ class Engine:
         header = {"version": 1, "time": time.time(), "masq": self.cfg.engine.masquerade_ip,
                   "entry_bytes": _fastpath.ENTRY_BYTES,
                   "services": {i: n for n, i in self.state.services.ids.items()},
-                  "backends": {i: f"{ip}:{port}" for (ip, port), i in self.state.backends.ids.items()}}
+                  "backends": {i: list(k) for k, i in self.state.backends.ids.items()}}
         try:
             os.makedirs(os.path.dirname(self.state_file) or ".", mode=0o700, exist_ok=True)
             tmp = self.state_file + ".tmp"
@@ -185,11 +185,8 @@ class Engine:
                 raise ValueError(f"snapshot is {age:.0f}s old")
             svc = {int(old): self.state.services.ids[name] for old, name in h["services"].items()
                    if name in self.state.services.ids}
-            bk = {}
-            for old, ep in h["backends"].items():
-                ip, _, port = ep.rpartition(":")
-                if (ip, int(port)) in self.state.backends.ids:
-                    bk[int(old)] = self.state.backends.ids[(ip, int(port))]
+            bk = {int(old): self.state.backends.ids[tuple(k)] for old, k in h["backends"].items()
+                  if tuple(k) in self.state.backends.ids}
             n = self.fp.import_flows(data, svc_ids=svc, backend_ids=bk, elapsed=int(age))
             log.info("took over %d flows from %s (%.1fs old)", n, self.state_file, age)
             return n
