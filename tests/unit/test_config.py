@@ -142,3 +142,11 @@ status: {podIP: 10.244.1.2, conditions: [{type: Ready, status: "True"}]}
     assert lines[0].split() == ["NAMESPACE", "NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)"]
     assert lines[1].split() == ["default", "deploy-svc", "ClusterIP", "10.96.100.100", "<none>", "80/TCP"]
     assert ["default", "deploy-svc", "10.244.1.2:80"] in [l.split() for l in lines]
+
+
+def test_embedded_seed_copies_are_verbatim():
+    """engine demo ships the seed manifests; they must stay the seed's own."""
+    here = os.path.join(os.path.dirname(__file__), "..", "..", "engine", "seed")
+    for name in os.listdir(here):
+        with open(os.path.join(here, name), "rb") as a, open(os.path.join(SEED, name), "rb") as b:
+            assert a.read() == b.read(), name
