@@ -341,6 +341,10 @@ class Engine:
                                    ("engine_service_denied_total", "denied", "New flows dropped by loadBalancerSourceRanges.")):
             lines += [f"# HELP {metric} {help_}", f"# TYPE {metric} counter"]
             lines += [f'{metric}{{service="{names[i]}"}} {c[key]}' for i, c in sorted(per.items())]
+        if self.dns:
+            lines += ["# HELP engine_dns_requests_total Cluster DNS requests, by outcome.",
+                      "# TYPE engine_dns_requests_total counter"]
+            lines += [f'engine_dns_requests_total{{outcome="{k}"}} {v}' for k, v in sorted(self.dns.stats.items())]
         lines += [
             "# HELP kubeproxy_sync_proxy_rules_duration_seconds Last sync duration.",
             "# TYPE kubeproxy_sync_proxy_rules_duration_seconds gauge",
