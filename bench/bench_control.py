@@ -8,10 +8,12 @@ ten endpoints each, from EndpointSlices as kube-proxy sees them):
      kept, stale-UDP cleanup included) and config.load of the same objects
      from YAML files;
   2. one endpoint change to the fast path using it, with 10,000 services:
-     an endpoint of one service turns ready (or unready), the engine rebuilds
-     (a full rebuild is what exists), swaps, and new flows are sent until one
-     reaches the new endpoint (or 200 have avoided the removed one); both
-     from in-memory objects and from the changed file (config.load + sync);
+     an endpoint of one service turns ready (or unready) and new flows are
+     sent until one reaches it (or 200 have avoided it), handed to the engine
+     three ways: Engine.sync of objects in memory, Engine.apply of one
+     EndpointSlice (`engine apply -f`), and a rewritten manifest file with
+     Engine.reload (config.load + sync); a full rebuild is what exists, and
+     the table shows where its time goes;
   3. first-packet cost: ns per new-flow SYN through the Cython fast path,
      destinations spread over all services, against the 10-service figure.
 
@@ -31,7 +33,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (TH_SYN, client_addr, fmt, fmt_ratio, ip_int, ip_str, log,  # noqa: E402
+from _common import (TH_SYN, client_addr, fmt_ratio, ip_int, ip_str, log,  # noqa: E402
                      machine_line, median, parser, ratio, runs_of, table, tcp_packet, write_json)
 
 from engine import _fastpath, compiler, servicemap  # noqa: E402

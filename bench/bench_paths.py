@@ -37,14 +37,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (fmt, fmt_ratio, log, machine_line, median, parser, ratio,  # noqa: E402
+from _common import (fmt_ratio, log, machine_line, median, parser, ratio,  # noqa: E402
                      runs_of, table, write_json)
 
 from engine.lab import Lab, LabError, cleanup_stale  # noqa: E402

@@ -265,6 +265,8 @@ cdef class Dataplane:
             raise ValueError("max_flows must be positive")
         if not (1 <= port_range[0] <= port_range[1] <= 65535):
             raise ValueError("bad SNAT port range")
+        if not 1 <= max_services <= (1 << 24) or not 1 <= max_backends <= (1 << 26):
+            raise ValueError("max_services must be 1..2^24, max_backends 1..2^26")
         ct_init(&self.ct, max_flows, max_backends)
         self.max_services = max_services
         self.svc_stats = <uint64_t *>calloc(<size_t>max_services * NSVC_STATS, sizeof(uint64_t))
@@ -368,7 +370,7 @@ cdef class Dataplane:
             if l4len < UDP_HLEN or be16(l4 + UDP_LEN) < UDP_HLEN or be16(l4 + UDP_LEN) > l4len:
                 return self.drop(R_MALFORMED)
         elif proto == PROTO_ICMP:
-            return self.icmp(t, p, l4, tot, l4len, outlen)
+            return self.icmp(t, p, l4, tot, l4len, now, outlen)
         else:
             return self.drop(R_UNSUPPORTED)
         k.saddr = ld32(p + IP_SRC)
@@ -473,7 +475,7 @@ cdef class Dataplane:
         return V_FORWARD
 
     cdef int icmp(self, Tables t, uint8_t *p, uint8_t *l4, Py_ssize_t tot, Py_ssize_t l4len,
-                  Py_ssize_t *outlen) noexcept nogil:
+                  uint32_t now, Py_ssize_t *outlen) noexcept nogil:
         """ICMP: echo to a live service address is answered (as IPVS mode's
         bound VIPs are); an error about a tracked flow (unreachable, frag
         needed, time exceeded, parameter problem) is translated, inner header
@@ -528,7 +530,7 @@ cdef class Dataplane:
         rk.family = 4
         rk.pad = 0
         ref = ct_find(&self.ct, &rk)
-        if ref < 0:
+        if ref < 0 or self.ct.entries[ref >> 1].expires <= now:     # gone, or as good as gone
             return self.drop(self.unmatched(t, odst))
         e = &self.ct.entries[ref >> 1]
         K = &e.key[1 - (ref & 1)]               # the packet as its sender sent it
@@ -830,6 +832,13 @@ cdef class Dataplane:
                 rec.key[0].pad = rec.key[1].pad = 0
                 if ct_find(&self.ct, &rec.key[0]) >= 0 or ct_find(&self.ct, &rec.key[1]) >= 0:
                     continue
+                # map the ids before taking an entry: a bad map must not leave one half-made
+                svc = svc_ids.get(rec.svc, self.max_services - 1)
+                bid = backend_ids.get(rec.backend, 0xffffffff)
+                if not (isinstance(svc, int) and 0 <= svc < self.max_services):
+                    svc = self.max_services - 1
+                if not (isinstance(bid, int) and 0 <= bid < self.ct.nactive):
+                    bid = 0xffffffff
                 if self.ct.nfree == 0:
                     break
                 id = ct_alloc(&self.ct, tnow, &dummy)
@@ -838,10 +847,8 @@ cdef class Dataplane:
                 e = &self.ct.entries[id]
                 e[0] = rec
                 e.expires = tnow + rec.expires - elapsed
-                e.svc = svc_ids.get(rec.svc, self.max_services - 1)
-                e.backend = backend_ids.get(rec.backend, 0xffffffffU)
-                if e.svc >= self.max_services:
-                    e.svc = self.max_services - 1
+                e.svc = svc
+                e.backend = bid
                 e.flags &= ~CTF_ACTIVE
                 if e.backend < self.ct.nactive and e.state != CT_TIME_WAIT and e.state != CT_CLOSE:
                     self.ct.active[e.backend] += 1

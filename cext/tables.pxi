@@ -101,8 +101,8 @@ cdef class Tables:
     cdef uint32_t *node_addrs
     cdef uint32_t nnode
     cdef uint16_t *mh               # Maglev rings, indexes into each service's backends
-    cdef uint32_t max_id            # largest service id + 1
-    cdef uint32_t max_bid           # largest backend id + 1
+    cdef uint64_t max_id            # largest service id + 1
+    cdef uint64_t max_bid           # largest backend id + 1
     cdef readonly object names      # service-port names, index = svc id (for stats)
 
     def __cinit__(self):
@@ -175,7 +175,9 @@ cdef class Tables:
             sv.scheduler = s.get("scheduler", 0)
             sv.flags = SVC_F_NODEPORT if s.get("nodeport") else 0
             sv.id = s.get("id", i)
-            self.max_id = max(self.max_id, sv.id + 1)
+            if sv.id >= 0xffffffffU:
+                raise ValueError(f"{s['name']}: service id out of range")
+            self.max_id = max(self.max_id, <uint64_t>sv.id + 1)
             sv.affinity_timeout = s.get("affinity_timeout", 0)
             if sv.affinity_timeout:
                 sv.flags |= SVC_F_AFFINITY
@@ -185,7 +187,9 @@ cdef class Tables:
                 self.backends[b].addr = htonl(be[0])
                 self.backends[b].port = htons(be[1])
                 self.backends[b].id = be[2] if len(be) > 2 else b
-                self.max_bid = max(self.max_bid, self.backends[b].id + 1)
+                if self.backends[b].id >= 0xffffffffU:
+                    raise ValueError(f"{s['name']}: backend id out of range")
+                self.max_bid = max(self.max_bid, <uint64_t>self.backends[b].id + 1)
                 b += 1
             sv.backend_count = b - sv.backend_start
             sv.mh_start = sv.mh_size = 0
@@ -306,6 +310,8 @@ def maglev_table(backends, uint32_t size=MAGLEV_SIZE):
     cdef uint32_t n = len(backends), i
     if n == 0 or n > 65535:
         raise ValueError("1..65535 backends")
+    if size < 2 or any(size % d == 0 for d in range(2, int(size ** 0.5) + 1)):
+        raise ValueError("the Maglev table size must be a prime")
     cdef backend_t *bs = <backend_t *>calloc(n, sizeof(backend_t))
     cdef uint16_t *ring = <uint16_t *>malloc(size * sizeof(uint16_t))
     try:

@@ -16,9 +16,24 @@ Names (as CoreDNS's kubernetes plugin, `pods insecure`):
   dns-version.<domain>                     TXT "1.1.0"
 Unknown names under the domain: NXDOMAIN; existing names without the type:
 NODATA (NOERROR + SOA). Everything else is forwarded.
+
+Hardening (the server binds a node address and sees clients' real sources):
+  - not an open resolver: only sources in `allowed_sources` get recursion
+    (forwarding, the upstream half of ExternalName answers); names in the
+    cluster zone are answered for everyone;
+  - per-source rate limit, a token bucket (100 queries/s, burst 200 by
+    default): excess UDP is dropped silently, excess TCP answered REFUSED,
+    both counted ("ratelimited");
+  - bounded answers, no amplification: UDP gets 512 bytes, or the client's
+    EDNS payload size but at most 1232 (our own advertised size) until the
+    source has shown over TCP that it is not spoofed, and never more than
+    4096; more is truncated (TC) and the client comes back over TCP;
+  - ANY is answered minimally (RFC 8482): one RRset of the name inside the
+    zone, a synthesized HINFO "RFC8482" outside it (never forwarded).
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import errno
 import ipaddress
@@ -42,6 +57,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 import dns.rdtypes.ANY.CNAME
+import dns.rdtypes.ANY.HINFO
 import dns.rdtypes.ANY.NS
 import dns.rdtypes.ANY.PTR
 import dns.rdtypes.ANY.SOA
@@ -54,10 +70,10 @@ from .servicemap import ServiceMap
 log = logging.getLogger("engine.dns")
 
 IN = dns.rdataclass.IN
-A, AAAA, CNAME, PTR, SRV, SOA, NS, TXT, ANY = (
+A, AAAA, CNAME, PTR, SRV, SOA, NS, TXT, ANY, HINFO = (
     dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.CNAME, dns.rdatatype.PTR,
     dns.rdatatype.SRV, dns.rdatatype.SOA, dns.rdatatype.NS, dns.rdatatype.TXT,
-    dns.rdatatype.ANY)
+    dns.rdatatype.ANY, dns.rdatatype.HINFO)
 NO_QUESTION_TYPES = {dns.rdatatype.OPT, dns.rdatatype.TSIG, dns.rdatatype.TKEY}
 TRANSFER_TYPES = {dns.rdatatype.AXFR, dns.rdatatype.IXFR}
 
@@ -65,6 +81,16 @@ MAX_CHAIN = 8                 # CNAME links followed for ExternalName chains
 DNS_VERSION = "1.1.0"         # kubernetes/dns specification version
 OUR_PAYLOAD = 1232            # EDNS payload we advertise (DNS flag day 2020)
 UDP_MIN = 512                 # RFC 1035 UDP limit without EDNS
+UDP_MAX_UNVALIDATED = OUR_PAYLOAD   # EDNS payload honoured for sources not yet seen over TCP
+UDP_MAX = 4096                # no UDP response is ever larger
+VALIDATED_TTL = 600.0         # seconds a source that spoke TCP counts as not spoofed
+VALIDATED_MAX = 65536         # sources remembered as validated (least recent forgotten)
+RATE_LIMIT = 100.0            # queries per second per source address (0: no limit)
+RATE_BURST = 200              # token bucket size per source address
+RATE_SOURCES = 65536          # sources tracked by the rate limiter (least recent forgotten)
+ANY_TTL = 3600                # TTL of the synthesized RFC 8482 HINFO
+# ANY inside the zone: the one RRset answered, by preference (RFC 8482 4.1)
+ANY_PREFERENCE = (A, AAAA, CNAME, PTR, SRV, TXT, SOA, NS)
 FORWARD_BUDGET = 2.0          # seconds for all upstream attempts of one query
 TCP_IDLE = 10.0               # seconds a TCP client may stay silent
 TCP_MAX_CONNS = 256           # concurrent TCP clients; more are closed at once
@@ -89,11 +115,51 @@ def _reverse_key(ip):
     return ".".join(reversed(ip.split("."))) + ".in-addr.arpa."
 
 
-def udp_limit(query):
-    """Largest UDP response the client takes: 512, or its EDNS payload size."""
+def udp_limit(query, validated=False, unvalidated_max=UDP_MAX_UNVALIDATED, udp_max=UDP_MAX):
+    """Largest UDP response for this query: 512, or the client's EDNS payload
+    size, but at most unvalidated_max for a source that has not shown over
+    TCP that its address is its own, and never more than udp_max."""
     if query is not None and query.edns >= 0:
-        return max(UDP_MIN, min(query.payload, 65535))
+        cap = udp_max if validated else min(unvalidated_max, udp_max)
+        return max(UDP_MIN, min(query.payload, cap))
     return UDP_MIN
+
+
+class RateLimiter:
+    """Per-key token buckets: `rate` tokens a second, at most `burst`; one
+    token per query. At most `max_keys` keys are tracked (a spoofed flood
+    cannot grow the table): the least recently seen is forgotten first.
+    rate <= 0 disables the limit. Thread-safe; the clock is injectable."""
+
+    def __init__(self, rate=RATE_LIMIT, burst=RATE_BURST, max_keys=RATE_SOURCES, clock=time.monotonic):
+        self.rate = float(rate or 0)
+        self.burst = float(max(1, burst))
+        self.max_keys = max(1, int(max_keys))
+        self.clock = clock
+        self._buckets = collections.OrderedDict()      # key -> [tokens, last refill]
+        self._lock = threading.Lock()
+
+    def allow(self, key):
+        if self.rate <= 0:
+            return True
+        now = self.clock()
+        with self._lock:
+            b = self._buckets.get(key)
+            if b is None:
+                if len(self._buckets) >= self.max_keys:
+                    self._buckets.popitem(last=False)
+                b = self._buckets[key] = [self.burst, now]
+            else:
+                self._buckets.move_to_end(key)
+                b[0] = min(self.burst, b[0] + (now - b[1]) * self.rate)
+                b[1] = now
+            if b[0] >= 1.0:
+                b[0] -= 1.0
+                return True
+            return False
+
+    def __len__(self):
+        return len(self._buckets)
 
 
 def to_wire_limited(resp, limit):
@@ -422,7 +488,10 @@ class ClusterZone:
                     resp.set_rcode(dns.rcode.NXDOMAIN)
                 resp.authority.append(self._soa())   # in a chain: NODATA (coredns#6088)
                 return
-            types = list(recs) if qtype == ANY else [qtype] if recs.get(qtype) else []
+            if qtype == ANY:          # RFC 8482: one RRset, not all of them
+                types = [next((t for t in ANY_PREFERENCE if recs.get(t)), None) or next(iter(recs))] if recs else []
+            else:
+                types = [qtype] if recs.get(qtype) else []
             if not types:
                 resp.authority.append(self._soa())
                 return
@@ -437,22 +506,40 @@ class DNSServer:
     """The cluster DNS server on bind_ip:port, UDP and TCP.
 
     cfg: DNSConfig (domain, ttl, upstream [(ip, port)], cluster_ip, port).
-    allowed_sources: ipaddress networks allowed to recurse (forwarding and the
-    upstream half of ExternalName answers); None allows everyone. Names in the
-    cluster zone are answered for every client.
+    allowed_sources: networks (ipaddress objects or "10.0.0.0/8" strings)
+    allowed to recurse (forwarding and the upstream half of ExternalName
+    answers); None allows everyone. Names in the cluster zone are answered
+    for every client.
+    rate_limit, rate_burst: per-source token bucket (queries/s, bucket size;
+    rate_limit 0 turns it off). Excess UDP is dropped, excess TCP REFUSED.
+    udp_max_unvalidated, udp_max: UDP response caps (see udp_limit).
+    Unset, each comes from the DNSConfig attribute of the same name when it
+    has one, else from the module default.
     """
 
-    def __init__(self, cfg, bind_ip, port=None, allowed_sources=None):
+    def __init__(self, cfg, bind_ip, port=None, allowed_sources=None, rate_limit=None, rate_burst=None,
+                 udp_max_unvalidated=None, udp_max=None, clock=time.monotonic):
+        def setting(value, name, default):
+            return value if value is not None else getattr(cfg, name, None) if getattr(cfg, name, None) is not None \
+                else default
         self.cfg = cfg
         self.bind_ip = bind_ip
         self.port = cfg.port if port is None else port
+        allowed_sources = setting(allowed_sources, "allowed_sources", None)
         self.allowed_sources = None if allowed_sources is None else [
             ipaddress.ip_network(n, strict=False) for n in allowed_sources]
+        self.limiter = RateLimiter(setting(rate_limit, "rate_limit", RATE_LIMIT),
+                                   setting(rate_burst, "rate_burst", RATE_BURST), clock=clock)
+        self.udp_max = int(setting(udp_max, "udp_max", UDP_MAX))
+        self.udp_max_unvalidated = int(setting(udp_max_unvalidated, "udp_max_unvalidated", UDP_MAX_UNVALIDATED))
+        self.clock = clock
+        self._validated = collections.OrderedDict()    # source -> until (clock), seen over TCP
         self.upstream = [tuple(u) for u in (cfg.upstream or [])]
         self.budget = FORWARD_BUDGET
         self.stats = dict.fromkeys(("queries", "udp", "tcp", "noerror", "nxdomain", "forwarded",
                                     "servfail", "refused", "formerr", "notimp", "truncated",
-                                    "dropped", "upstream_errors", "other"), 0)
+                                    "dropped", "upstream_errors", "other", "ratelimited",
+                                    "any_minimal"), 0)
         self._stats_lock = threading.Lock()
         self.zone = ClusterZone(ServiceMap(services={}), cfg, resolver=self._upstream_lookup)
         self._udp = self._tcp = None
@@ -541,17 +628,54 @@ class DNSServer:
             return False
         return any(a in n for n in self.allowed_sources)
 
-    def handle(self, wire, src_ip, tcp=False, query=None):
+    def validate(self, src_ip):
+        """src_ip has completed a TCP handshake: its address is its own."""
+        with self._lock:
+            self._validated[src_ip] = self.clock() + VALIDATED_TTL
+            self._validated.move_to_end(src_ip)
+            while len(self._validated) > VALIDATED_MAX:
+                self._validated.popitem(last=False)
+
+    def validated(self, src_ip):
+        with self._lock:
+            until = self._validated.get(src_ip)
+            if until is None:
+                return False
+            if until <= self.clock():
+                del self._validated[src_ip]
+                return False
+            return True
+
+    def admit(self, src_ip):
+        """One query's worth of src_ip's rate budget: False when spent."""
+        return self.limiter.allow(src_ip)
+
+    def handle(self, wire, src_ip, tcp=False, query=None, admitted=False):
         """Query bytes -> response bytes, or None (drop). Never raises.
-        query: wire already parsed (by the UDP loop)."""
+        query: wire already parsed (by the UDP loop); admitted: the rate
+        limit was already applied to this query (by the UDP loop)."""
         self._count("queries")
         self._count("tcp" if tcp else "udp")
         try:
+            if not admitted and not self.admit(src_ip):
+                return self._ratelimited(wire, tcp)
             return self._handle(wire, src_ip, tcp, query)
         except Exception:
             log.exception("answering a query from %s failed", src_ip)
             self._count("servfail")
             return error_from_header(wire, dns.rcode.SERVFAIL)
+
+    def _ratelimited(self, wire, tcp):
+        """Over the source's rate: UDP gets nothing (no reflection), TCP (a
+        real, handshaken client) REFUSED."""
+        self._count("ratelimited")
+        if not tcp:
+            return None
+        try:
+            q = dns.message.from_wire(wire)
+        except Exception:
+            return error_from_header(wire, dns.rcode.REFUSED)
+        return _response(q, dns.rcode.REFUSED, ra=False).to_wire()
 
     def _handle(self, wire, src_ip, tcp, q):
         if q is not None:
@@ -585,6 +709,12 @@ class DNSServer:
         if r is None:
             if not allowed:
                 r = _response(q, dns.rcode.REFUSED, ra=False)
+            elif q.question[0].rdtype == ANY:
+                # RFC 8482 4.2: a synthesized HINFO, not an upstream's every record
+                self._count("any_minimal")
+                r = _response(q)
+                r.answer.append(dns.rrset.from_rdata(q.question[0].name, ANY_TTL, dns.rdtypes.ANY.HINFO.HINFO(
+                    IN, HINFO, b"RFC8482", b"")))
             elif not self.upstream:
                 r = _response(q, dns.rcode.SERVFAIL)
             else:
@@ -599,7 +729,11 @@ class DNSServer:
         self._count({dns.rcode.NOERROR: "noerror", dns.rcode.NXDOMAIN: "nxdomain",
                      dns.rcode.SERVFAIL: "servfail", dns.rcode.REFUSED: "refused",
                      dns.rcode.FORMERR: "formerr", dns.rcode.NOTIMP: "notimp"}.get(rc, "other"))
-        out, truncated = to_wire_limited(r, 65535 if tcp else udp_limit(q))
+        if not tcp:
+            limit = udp_limit(q, self.validated(src_ip), self.udp_max_unvalidated, self.udp_max)
+        else:
+            limit = 65535
+        out, truncated = to_wire_limited(r, limit)
         if truncated:
             self._count("truncated")
         return out
@@ -674,6 +808,12 @@ class DNSServer:
                     return
                 time.sleep(0.01)         # e.g. ECONNREFUSED left over from an ICMP error
                 continue
+            # the rate limit first: a flood costs one dict lookup per packet
+            if not self.admit(addr[0]):
+                self._count("queries")
+                self._count("udp")
+                self._count("ratelimited")
+                continue
             # zone answers inline (microseconds); what may wait on the upstream
             # goes to the workers, so a dead upstream never delays the zone
             q = None
@@ -683,7 +823,7 @@ class DNSServer:
                 except Exception:
                     q = None       # handle() answers FORMERR
             if q is None or self.zone.is_local(q):
-                out = self.handle(wire, addr[0], tcp=False, query=q)
+                out = self.handle(wire, addr[0], tcp=False, query=q, admitted=True)
                 if out is not None:
                     try:
                         sock.sendto(out, addr)
@@ -702,7 +842,7 @@ class DNSServer:
 
     def _udp_one(self, sock, wire, addr, q):
         try:
-            out = self.handle(wire, addr[0], tcp=False, query=q)
+            out = self.handle(wire, addr[0], tcp=False, query=q, admitted=True)
             if out is not None:
                 try:
                     sock.sendto(out, addr)
@@ -733,6 +873,7 @@ class DNSServer:
             threading.Thread(target=self._tcp_conn, args=(conn, addr), name="dns-tcp", daemon=True).start()
 
     def _tcp_conn(self, conn, addr):
+        self.validate(addr[0])              # a completed handshake: not a spoofed source
         try:
             conn.settimeout(TCP_IDLE)
             while not self._closing.is_set():

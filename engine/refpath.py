@@ -9,8 +9,15 @@ run against both modules and compare their outputs byte for byte.
 Where the C code makes a choice for speed that is observable (which free entry
 id is taken next, where the clock hand stands, how many entries an eviction
 looks at) this module makes the same choice, so that even eviction matches.
-What is not observable (the open-addressing index, hashes, raw byte order of
-the loads) is replaced by the obvious Python thing: a dict of flow tuples.
+Some hashes are observable too and are computed exactly as in C, on the raw
+(network bytes loaded little-endian) values: the sh and mh schedulers, the
+Maglev ring, the session-affinity table with its probe, victim and expiry
+rules. What is not observable (the flow index and the service lookup) is
+replaced by the obvious Python thing: dicts of tuples.
+
+Where the C code would crash or hang on an argument it does not check
+(maglev_table with a size < 2 or one that is not prime; import_flows with
+an id map value that is not a uint32) this module raises instead.
 
 Addresses and ports are host-order ints throughout; checksums are computed on
 big-endian 16-bit words, which gives the same bytes as the C code's
@@ -23,8 +30,8 @@ import struct
 import time
 
 __all__ = ["Tables", "Dataplane", "DROP_REASONS", "COUNTERS", "SERVICE_COUNTERS",
-           "STATE_NAMES", "DEFAULT_TIMEOUTS", "MAGLEV_SIZE", "maglev_table", "mix64",
-           "monotonic"]
+           "STATE_NAMES", "DEFAULT_TIMEOUTS", "MAGLEV_SIZE", "ENTRY_BYTES", "maglev_table",
+           "mix64", "monotonic"]
 
 # --- header offsets (RFC 791, 793, 768, 792) ---------------------------------
 
@@ -115,9 +122,19 @@ DEFAULT_TIMEOUTS = {
 # Eviction takes these before anything established.
 UNESTABLISHED = frozenset((CT_SYN_SENT, CT_SYN_RECV, CT_UDP_UNREPLIED, CT_CLOSE))
 
-# FIN seen, per direction (entry flags)
+# Entry flags: FIN seen, per direction; counted in the backend's active flows
+# (open, not yet closing: IPVS ActiveConn)
 CTF_FIN_ORIG = 1
 CTF_FIN_REPLY = 2
+CTF_ACTIVE = 4
+
+# export_flows() / import_flows() records: the C module's ct_entry_t, byte for
+# byte (x86-64): two flow keys (saddr, daddr, sport, dport in network order,
+# proto, family, pad), then expires, svc, backend, state, flags, pad.
+_KEY = struct.Struct("!IIHH")
+_KEY_TAIL = struct.Struct("<BBH")
+_ENTRY_TAIL = struct.Struct("<IIIBBH")
+ENTRY_BYTES = 2 * (_KEY.size + _KEY_TAIL.size) + _ENTRY_TAIL.size      # 48
 
 DIR_ORIG = 0
 DIR_REPLY = 1
@@ -432,6 +449,7 @@ class _Conntrack:
         self.hand = 0
         self.nactive = maxbackends
         self.active = {}                            # backend id -> flows; absent: 0
+        self.pads = {}      # entry id -> ct_entry_t.pad: only import_flows sets one
 
     @property
     def count(self):
@@ -440,12 +458,21 @@ class _Conntrack:
     def find(self, key):
         return self.index.get(key)
 
+    def deactivate(self, e):
+        """The flow stops counting for its backend (closing or gone)."""
+        if e.flags & CTF_ACTIVE and e.backend < self.nactive and self.active.get(e.backend):
+            self.active[e.backend] -= 1
+        e.flags &= ~CTF_ACTIVE
+
     def remove(self, fid):
         e = self.entries[fid]
-        del self.index[e.key[DIR_ORIG]]
-        del self.index[e.key[DIR_REPLY]]
-        if e.backend < self.nactive and self.active.get(e.backend):
-            self.active[e.backend] -= 1
+        # (an imported record may carry one tuple twice: the C index then
+        # holds it twice and finds the original direction first)
+        if self.index.get(e.key[DIR_ORIG]) == (fid, DIR_ORIG):
+            del self.index[e.key[DIR_ORIG]]
+        if self.index.get(e.key[DIR_REPLY]) == (fid, DIR_REPLY):
+            del self.index[e.key[DIR_REPLY]]
+        self.deactivate(e)
         self.entries[fid] = None
         self.free_ids.append(fid)
 
@@ -478,7 +505,7 @@ class _Conntrack:
     def insert(self, fid, flow):
         self.entries[fid] = flow
         self.index[flow.key[DIR_ORIG]] = (fid, DIR_ORIG)
-        self.index[flow.key[DIR_REPLY]] = (fid, DIR_REPLY)
+        self.index.setdefault(flow.key[DIR_REPLY], (fid, DIR_REPLY))
 
     def sweep(self, now, budget):
         """Removes expired entries among `budget` from the hand."""
@@ -675,7 +702,7 @@ class Dataplane:
             if ulen < UDP_HLEN or ulen > l4len:
                 return self._drop("malformed")
         elif proto == PROTO_ICMP:
-            return self._icmp(t, p, l4, tot, l4len)
+            return self._icmp(t, p, l4, tot, l4len, now)
         else:
             return self._drop("unsupported")
         saddr, daddr = struct.unpack_from("!II", p, IP_SRC)
@@ -702,6 +729,8 @@ class Dataplane:
             nat_rewrite(p, l4, proto, o_daddr, o_dport, o_saddr, o_sport, partial)
             if proto == PROTO_TCP:
                 e.state, e.flags = tcp_next_state(e.state, e.flags, direction, th)
+                if e.state == CT_TIME_WAIT or e.state == CT_CLOSE:
+                    ct.deactivate(e)            # closing: no longer an active flow
             elif direction == DIR_REPLY:
                 e.state = CT_UDP_ASSURED
             e.expires = (now + self.timeouts[e.state]) & U32
@@ -746,9 +775,11 @@ class Dataplane:
         if fid is None:
             return self._drop("table_full")
         state = CT_SYN_SENT if proto == PROTO_TCP else CT_UDP_UNREPLIED
-        ct.insert(fid, _Flow(k, rk, sv.id, bid, state, (now + self.timeouts[state]) & U32))
+        e = _Flow(k, rk, sv.id, bid, state, (now + self.timeouts[state]) & U32)
+        ct.insert(fid, e)
         if bid < ct.nactive:
             ct.active[bid] = ct.active.get(bid, 0) + 1
+            e.flags = CTF_ACTIVE
         self._stat(sv.id, S_FLOWS)
         self._stat(sv.id, S_PACKETS)
         self._stat(sv.id, S_BYTES, tot)
@@ -826,7 +857,7 @@ class Dataplane:
         victim[0] = 0
         return victim
 
-    def _icmp(self, t, p, l4, tot, l4len):
+    def _icmp(self, t, p, l4, tot, l4len, now):
         """ICMP: echo to a live service address is answered (as IPVS mode's
         bound VIPs are); an error about a tracked flow (unreachable, frag
         needed, time exceeded, parameter problem) is translated, inner header
@@ -866,10 +897,9 @@ class Dataplane:
         il4 = inner + iihl
         isrc, idst = struct.unpack_from("!II", p, inner + IP_SRC)
         isport, idport = struct.unpack_from("!HH", p, il4 + L4_SPORT)
-        # the reverse of what we sent. (No expiry check here: a flow past its
-        # timeout that is still in the table translates, as in the C code.)
+        # the reverse of what we sent; a flow past its timeout is as good as gone
         ref = self.ct.find((idst, isrc, idport, isport, iproto))
-        if ref is None:
+        if ref is None or self.ct.entries[ref[0]].expires <= now:
             return self._drop(self._unmatched(t, odst))
         fid, direction = ref
         e = self.ct.entries[fid]
@@ -989,6 +1019,74 @@ class Dataplane:
                 self.ct.remove(fid)
                 removed += 1
         return removed
+
+    def export_flows(self, now=-1):
+        """The live flow table as bytes (ENTRY_BYTES per flow, `expires`
+        holding the seconds left), for a restart to pick up."""
+        if now < 0:
+            now = monotonic()
+        tnow = int(now) & U32
+        out = []
+        for fid, e in enumerate(self.ct.entries):
+            if e is None or e.expires <= tnow:
+                continue
+            rec = b"".join(_KEY.pack(*k[:4]) + _KEY_TAIL.pack(k[4], 4, 0) for k in e.key)
+            out.append(rec + _ENTRY_TAIL.pack((e.expires - tnow) & U32, e.svc, e.backend,
+                                              e.state, e.flags, self.ct.pads.get(fid, 0)))
+        return b"".join(out)
+
+    def import_flows(self, data, now=-1, svc_ids=None, backend_ids=None, elapsed=0):
+        """Insert flows from export_flows(); ids are mapped old -> new (an
+        unknown service counts into the last id, an unknown backend into
+        none). Records that are malformed, expired or clash with a flow
+        already here are skipped. Returns how many were taken."""
+        data = memoryview(data).cast("B")
+        elapsed = _uint(elapsed, 32, "elapsed")
+        if svc_ids is not None and not isinstance(svc_ids, dict) \
+                or backend_ids is not None and not isinstance(backend_ids, dict):
+            raise TypeError("svc_ids and backend_ids must be dicts")
+        if len(data) % ENTRY_BYTES:
+            raise ValueError("flow snapshot length is not a whole number of entries")
+        if now < 0:
+            now = monotonic()
+        tnow = int(now) & U32
+        svc_ids = svc_ids or {}
+        backend_ids = backend_ids or {}
+        ct = self.ct
+        taken = 0
+        for off in range(0, len(data), ENTRY_BYTES):
+            keys = []
+            for half in (off, off + 16):
+                saddr, daddr, sport, dport = _KEY.unpack_from(data, half)
+                keys.append((saddr, daddr, sport, dport, data[half + 12]))
+            expires, svc, backend, state, flags, pad = _ENTRY_TAIL.unpack_from(data, off + 32)
+            if (state == CT_FREE or state >= len(STATE_NAMES) or expires <= elapsed
+                    or keys[0][4] != keys[1][4] or keys[0][4] not in (PROTO_TCP, PROTO_UDP)):
+                continue
+            if ct.find(keys[0]) is not None or ct.find(keys[1]) is not None:
+                continue
+            if not ct.free_ids:
+                break
+            # (the C code converts the mapped ids after taking the entry, so a
+            # bad id there leaves a half-made entry behind; here it is checked first)
+            svc = _uint(svc_ids.get(svc, (self.max_services - 1) & U32), 32, "svc")
+            backend = _uint(backend_ids.get(backend, U32), 32, "backend")
+            if svc >= self.max_services:
+                svc = (self.max_services - 1) & U32
+            fid, _ = ct.alloc(tnow)
+            e = _Flow(keys[0], keys[1], svc, backend, state,
+                      (tnow + expires - elapsed) & U32)
+            e.flags = flags & ~CTF_ACTIVE
+            if pad:
+                ct.pads[fid] = pad
+            else:
+                ct.pads.pop(fid, None)
+            if backend < ct.nactive and state != CT_TIME_WAIT and state != CT_CLOSE:
+                ct.active[backend] = ct.active.get(backend, 0) + 1
+                e.flags |= CTF_ACTIVE
+            ct.insert(fid, e)
+            taken += 1
+        return taken
 
     def expire(self, now, budget=U32):
         """Sweep expired flows (tests pass their own clock)."""

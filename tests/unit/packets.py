@@ -402,14 +402,6 @@ def service_counters_are(want):
     return after
 
 
-def active_are(want):
-    """after: active_flows(backend id) for each id in want."""
-    def after(dp, ctx):
-        got = {b: dp.active_flows(b) for b in want}
-        assert got == want, f"active flows {got} != {want}"
-    return after
-
-
 def sched_tables(scheduler, affinity=0, n=3, ids=False):
     """One VIP (TCP 80 -> :8080, UDP 53 -> :5353 on the first n BACKENDS)
     with the given scheduler and session affinity timeout. ids: stable

@@ -19,7 +19,8 @@ import pytest
 
 from engine import config, servicemap
 from engine.config import DNSConfig
-from engine.dns import ClusterZone, DNSServer, to_wire_limited
+from engine import dns as enginedns
+from engine.dns import ClusterZone, DNSServer, RateLimiter, to_wire_limited, udp_limit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -236,10 +237,18 @@ def test_soa_ns_and_version_at_the_apex(zone):
     assert rdatas(ask(zone, "dns-version.cluster.local", "TXT"), "TXT") == ['"1.1.0"']
 
 
-def test_any_returns_every_record_of_the_name(zone):
+def test_any_is_answered_with_one_rrset(zone):
+    """RFC 8482: ANY gets one RRset of the name, not every record (no
+    amplification); the A record where there is one."""
     r = ask(zone, "web.default.svc.cluster.local", "ANY")
-    assert rdatas(r, "A") == ["10.96.100.100"]
-    assert rdatas(r, "SRV") == ["0 50 53 web.default.svc.cluster.local.", "0 50 80 web.default.svc.cluster.local."]
+    assert answers(r) == [("web.default.svc.cluster.local.", "A", "10.96.100.100")]
+    r = ask(zone, "_http._tcp.web.default.svc.cluster.local", "ANY")
+    assert [a[1] for a in answers(r)] == ["SRV"]
+    r = ask(zone, "cluster.local", "ANY")
+    assert [a[1] for a in answers(r)] == ["SOA"]
+    r = ask(zone, "db.default.svc.cluster.local", "ANY")          # headless: the A records
+    assert {a[1] for a in answers(r)} == {"A"}
+    assert is_nxdomain(ask(zone, "nope.default.svc.cluster.local", "ANY"))
 
 
 def test_pods_insecure(zone):
@@ -741,3 +750,220 @@ def test_server_refuses_recursion_outside_allowed_sources(tmp_path, upstream):
         assert rdatas(udp(srv, "google.com")) == ["192.168.50.80"]
     finally:
         srv.close()
+
+
+# -- hardening: not an open resolver, rate limits, bounded answers, ANY -------------
+
+class Clock:
+    """A hand-driven clock for the rate limiter and the TCP validation."""
+
+    def __init__(self, t=1000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+def query(name, rdtype="A", **kw):
+    q = dns.message.make_query(name, rdtype, **kw)
+    return q, q.to_wire()
+
+
+def hardened(tmp_path, **kw):
+    """A DNSServer (not started: handle() only) over CLUSTER plus a headless
+    service of 100 endpoints, with a fake upstream that records calls."""
+    cfg = load(tmp_path, CLUSTER + many_endpoints(100), name="h.yaml")
+    srv = DNSServer(cfg.engine.dns, "127.0.0.1", port=0, **kw)
+    srv.update(servicemap.build(cfg))
+    srv.forwarded_to = []
+
+    def forward(q):
+        srv.forwarded_to.append(q.question[0].name.to_text())
+        r = dns.message.make_response(q)
+        r.answer.append(dns.rrset.from_text(q.question[0].name, 60, "IN", "A", "192.0.2.80"))
+        return r
+    srv.forward = forward
+    return srv
+
+
+def test_rate_limiter_token_bucket():
+    clock = Clock()
+    rl = RateLimiter(rate=10, burst=5, clock=clock)
+    assert [rl.allow("a") for _ in range(7)] == [True] * 5 + [False] * 2
+    assert rl.allow("b")                       # per key
+    clock.t += 0.1                             # one token back
+    assert rl.allow("a") and not rl.allow("a")
+    clock.t += 100                             # refills up to the burst, no more
+    assert sum(rl.allow("a") for _ in range(20)) == 5
+    assert all(RateLimiter(rate=0, burst=1).allow("x") for _ in range(1000))     # 0: off
+
+
+def test_rate_limiter_table_is_bounded():
+    rl = RateLimiter(rate=1, burst=2, max_keys=100, clock=Clock())
+    for i in range(10000):                     # a spoofed flood from 10,000 sources
+        rl.allow(f"10.0.{i // 256}.{i % 256}")
+    assert len(rl) == 100
+
+
+def test_default_limits():
+    assert (enginedns.RATE_LIMIT, enginedns.RATE_BURST) == (100.0, 200)
+    srv = DNSServer(DNSConfig(), "127.0.0.1", port=0)
+    assert srv.allowed_sources is None and srv.allowed("203.0.113.9")     # default: everyone may recurse
+    assert (srv.limiter.rate, srv.limiter.burst) == (100.0, 200.0)
+
+
+def test_udp_over_the_rate_is_dropped_silently_and_counted(tmp_path):
+    clock = Clock()
+    srv = hardened(tmp_path, rate_limit=100, rate_burst=200, clock=clock)
+    _, w = query("web.default.svc.cluster.local")
+    out = [srv.handle(w, "198.51.100.7") for _ in range(250)]
+    assert all(o is not None for o in out[:200])
+    assert out[200:] == [None] * 50
+    assert srv.stats["ratelimited"] == 50 and srv.stats["queries"] == 250
+    assert srv.handle(w, "198.51.100.8") is not None          # another source is not affected
+    clock.t += 0.5                                             # 50 tokens back
+    assert sum(srv.handle(w, "198.51.100.7") is not None for _ in range(60)) == 50
+
+
+def test_tcp_over_the_rate_is_refused(tmp_path):
+    srv = hardened(tmp_path, rate_limit=1, rate_burst=3, clock=Clock())
+    q, w = query("web.default.svc.cluster.local")
+    rs = [dns.message.from_wire(srv.handle(w, "198.51.100.7", tcp=True)) for _ in range(5)]
+    assert [r.rcode() for r in rs] == [dns.rcode.NOERROR] * 3 + [dns.rcode.REFUSED] * 2
+    assert all(q.is_response(r) for r in rs) and not rs[-1].answer
+    assert srv.stats["ratelimited"] == 2
+
+
+def test_rate_limit_over_sockets(tmp_path):
+    """Through the real UDP and TCP loops: UDP excess gets no answer at all,
+    TCP excess REFUSED, on the same connection."""
+    clock = Clock()
+    srv = start_server(tmp_path, None, rate_limit=1, rate_burst=5, clock=clock)
+    try:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(0.5)
+        _, w = query("web.default.svc.cluster.local")
+        got = 0
+        for _ in range(8):
+            s.sendto(w, ("127.0.0.1", srv.port))
+            try:
+                s.recv(4096)
+                got += 1
+            except socket.timeout:
+                pass
+        assert got == 5 and srv.stats["ratelimited"] == 3
+        clock.t += 10                          # a full bucket again
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as c:
+            codes = []
+            for _ in range(7):
+                c.sendall(struct.pack("!H", len(w)) + w)
+                n = struct.unpack("!H", c.recv(2, socket.MSG_WAITALL))[0]
+                codes.append(dns.message.from_wire(c.recv(n, socket.MSG_WAITALL)).rcode())
+        assert codes == [dns.rcode.NOERROR] * 5 + [dns.rcode.REFUSED] * 2
+    finally:
+        srv.close()
+
+
+def test_not_an_open_resolver(tmp_path):
+    srv = hardened(tmp_path, allowed_sources=["10.0.0.0/8", "192.168.50.0/24"])
+    # outside: zone answers yes, recursion no
+    r = dns.message.from_wire(srv.handle(query("web.default.svc.cluster.local")[1], "203.0.113.5"))
+    assert rdatas(r) == ["10.96.100.100"]
+    r = dns.message.from_wire(srv.handle(query("www.example.com")[1], "203.0.113.5"))
+    assert r.rcode() == dns.rcode.REFUSED and not r.flags & dns.flags.RA
+    r = dns.message.from_wire(srv.handle(query("ext.default.svc.cluster.local")[1], "203.0.113.5"))
+    assert answers(r) == [("ext.default.svc.cluster.local.", "CNAME", "www.example.org.")]   # no upstream half
+    r = dns.message.from_wire(srv.handle(query("1.2.0.192.in-addr.arpa", "PTR")[1], "203.0.113.5"))
+    assert r.rcode() == dns.rcode.REFUSED                      # foreign reverse names are recursion too
+    assert srv.forwarded_to == [] and srv.stats["forwarded"] == 0
+    # inside: forwarded
+    r = dns.message.from_wire(srv.handle(query("www.example.com")[1], "10.244.1.2"))
+    assert rdatas(r) == ["192.0.2.80"] and srv.forwarded_to == ["www.example.com."]
+    r = dns.message.from_wire(srv.handle(query("www.example.com")[1], "192.168.50.2"))
+    assert r.rcode() == dns.rcode.NOERROR
+    assert not srv.allowed("not an address")
+
+
+def test_allowed_sources_from_the_dns_config(tmp_path):
+    cfg = load(tmp_path, CLUSTER)
+    cfg.engine.dns.allowed_sources = ["10.0.0.0/8"]
+    cfg.engine.dns.rate_limit = 7
+    srv = DNSServer(cfg.engine.dns, "127.0.0.1", port=0)
+    assert srv.allowed("10.1.2.3") and not srv.allowed("192.0.2.1")
+    assert srv.limiter.rate == 7.0
+    srv = DNSServer(cfg.engine.dns, "127.0.0.1", port=0, allowed_sources=["192.0.2.0/24"])
+    assert srv.allowed("192.0.2.1") and not srv.allowed("10.1.2.3")         # the argument wins
+
+
+def test_udp_limit():
+    q = dns.message.make_query("a.example", "A")
+    assert udp_limit(q) == 512 and udp_limit(q, validated=True) == 512      # no EDNS: 512
+    q = dns.message.make_query("a.example", "A", use_edns=0, payload=4096)
+    assert udp_limit(q) == 1232                               # not validated: our payload at most
+    assert udp_limit(q, validated=True) == 4096
+    q = dns.message.make_query("a.example", "A", use_edns=0, payload=65000)
+    assert udp_limit(q, validated=True) == 4096               # never more than 4096
+    q = dns.message.make_query("a.example", "A", use_edns=0, payload=100)
+    assert udp_limit(q) == 512                                # less than 512 means 512
+
+
+def test_answer_size_bounded_until_the_source_is_validated_over_tcp(tmp_path):
+    srv = hardened(tmp_path, clock=Clock())
+    big = "many.default.svc.cluster.local"                     # 100 A records, ~1.7 kB
+    r = srv.handle(query(big)[1], "198.51.100.9")
+    assert len(r) <= 512 and dns.message.from_wire(r).flags & dns.flags.TC
+    r = srv.handle(query(big, use_edns=0, payload=4096)[1], "198.51.100.9")
+    assert len(r) <= 1232 and dns.message.from_wire(r).flags & dns.flags.TC
+    full = srv.handle(query(big)[1], "198.51.100.9", tcp=True)
+    assert len(rdatas(dns.message.from_wire(full))) == 100
+    srv.validate("198.51.100.9")                              # it spoke TCP: its address is real
+    r = srv.handle(query(big, use_edns=0, payload=4096)[1], "198.51.100.9")
+    m = dns.message.from_wire(r)
+    assert 1232 < len(r) <= 4096 and not m.flags & dns.flags.TC and len(rdatas(m)) == 100
+    r = srv.handle(query("_http._tcp.many.default.svc.cluster.local", "SRV", use_edns=0, payload=65000)[1],
+                   "198.51.100.9")
+    assert len(r) <= 4096 and dns.message.from_wire(r).flags & dns.flags.TC
+    srv.clock.t += enginedns.VALIDATED_TTL + 1                # validation expires
+    r = srv.handle(query(big, use_edns=0, payload=4096)[1], "198.51.100.9")
+    assert len(r) <= 1232
+
+
+def test_tcp_connection_validates_the_source(tmp_path):
+    srv = start_server(tmp_path, None)
+    try:
+        assert not srv.validated("127.0.0.1")
+        r = udp(srv, "many.default.svc.cluster.local", use_edns=0, payload=4096)
+        assert r.flags & dns.flags.TC and len(r.to_wire()) <= 1232
+        tcp(srv, "web.default.svc.cluster.local")
+        assert srv.validated("127.0.0.1")
+        r = udp(srv, "many.default.svc.cluster.local", use_edns=0, payload=4096)
+        assert not r.flags & dns.flags.TC and len(rdatas(r)) == 100
+    finally:
+        srv.close()
+
+
+def test_any_outside_the_zone_is_synthesized_not_forwarded(tmp_path):
+    srv = hardened(tmp_path)
+    q, w = query("example.com", "ANY")
+    r = dns.message.from_wire(srv.handle(w, "10.0.0.1"))
+    assert q.is_response(r) and r.rcode() == dns.rcode.NOERROR
+    assert answers(r) == [("example.com.", "HINFO", '"RFC8482" ""')]
+    assert srv.forwarded_to == [] and srv.stats["any_minimal"] == 1
+    r = dns.message.from_wire(srv.handle(w, "10.0.0.1", tcp=True))       # over TCP too
+    assert [a[1] for a in answers(r)] == ["HINFO"]
+    r = dns.message.from_wire(srv.handle(query("web.default.svc.cluster.local", "ANY")[1], "10.0.0.1"))
+    assert answers(r) == [("web.default.svc.cluster.local.", "A", "10.96.100.100")]
+
+
+def test_no_amplification(tmp_path):
+    """From an unvalidated source, no query gets more than 512 bytes back
+    (1232 with EDNS): the worst the server can be made to reflect."""
+    srv = hardened(tmp_path, rate_limit=0)
+    names = [("many.default.svc.cluster.local", "A"), ("many.default.svc.cluster.local", "ANY"),
+             ("_http._tcp.many.default.svc.cluster.local", "SRV"), ("cluster.local", "ANY"),
+             ("many.default.svc.cluster.local", "SRV"), ("example.com", "ANY"), ("example.com", "TXT")]
+    for name, t in names:
+        for kw, cap in (({}, 512), ({"use_edns": 0, "payload": 65535}, 1232)):
+            q, w = query(name, t, **kw)
+            out = srv.handle(w, "203.0.113.77")
+            assert out is not None and len(out) <= cap, (name, t, kw, len(out))

@@ -108,14 +108,13 @@ def test_truncated_quote_is_malformed(dp, cut):
     assert dp.process(raw(err), 1)[:2] == ("drop", "malformed")
 
 
-def test_error_about_expired_flow_not_yet_swept(dp):
-    """An error is matched against the flow table as it stands: a flow past
-    its timeout that no lookup or sweep has removed yet still translates (as
-    the C code does; the reference follows it)."""
+def test_error_about_expired_flow_is_dropped(dp):
+    """A flow past its timeout is gone for ICMP errors too, swept or not."""
     q = IP(src=CLIENT, dst=VIP) / UDP(sport=40004, dport=53)
     _, _, fwd = dp.process(raw(q), 1)
     err = IP(src=BACKEND, dst=MASQ) / ICMP(type=3, code=3) / raw(IP(fwd))
-    assert dp.process(raw(err), 1 + 31)[0] == "forward"
+    assert dp.process(raw(err), 1 + 29)[0] == "forward"
+    assert dp.process(raw(err), 1 + 31)[:2] == ("drop", "spoofed")
     assert dp.expire(1 + 31) == 1
     assert dp.process(raw(err), 1 + 31)[:2] == ("drop", "spoofed")
 
