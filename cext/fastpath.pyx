@@ -62,11 +62,12 @@ cdef enum:
     R_NAT_EXHAUSTED = 8
     R_SPOOFED = 9
     R_SOURCE_DENIED = 10
-    R_NREASONS = 11
+    R_MARTIAN = 11              # would answer a source no error may go to (RFC 1122 3.2.2)
+    R_NREASONS = 12
 
 DROP_REASONS = ("none", "malformed", "unsupported", "fragment", "no_service",
                 "unallocated", "not_syn", "table_full", "nat_exhausted",
-                "spoofed", "source_denied")
+                "spoofed", "source_denied", "martian")
 
 # Counters
 cdef enum:
@@ -530,7 +531,8 @@ cdef class Dataplane:
         rk.family = 4
         rk.pad = 0
         ref = ct_find(&self.ct, &rk)
-        if ref < 0 or self.ct.entries[ref >> 1].expires <= now:     # gone, or as good as gone
+        # the error must be about a live flow and addressed to the quoted sender
+        if ref < 0 or self.ct.entries[ref >> 1].expires <= now or odst != isrc:
             return self.drop(self.unmatched(t, odst))
         e = &self.ct.entries[ref >> 1]
         K = &e.key[1 - (ref & 1)]               # the packet as its sender sent it
@@ -644,6 +646,9 @@ cdef class Dataplane:
         return V_DROP | (reason << 8)
 
     cdef inline int reject(self, uint8_t *p, Py_ssize_t tot, Py_ssize_t *outlen) noexcept nogil:
+        # no ICMP error to 0/8, loopback, multicast or broadcast sources
+        if p[IP_SRC] == 0 or p[IP_SRC] == 127 or p[IP_SRC] >= 224:
+            return self.drop(R_MARTIAN)
         self.cnt[C_REJECTS] += 1
         outlen[0] = build_port_unreachable(p, tot)
         return V_REPLY

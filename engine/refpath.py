@@ -84,7 +84,7 @@ VERDICTS = ("drop", "forward", "reply")
 
 DROP_REASONS = ("none", "malformed", "unsupported", "fragment", "no_service",
                 "unallocated", "not_syn", "table_full", "nat_exhausted",
-                "spoofed", "source_denied")
+                "spoofed", "source_denied", "martian")
 
 COUNTERS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "flows_created",
             "flows_expired", "flows_evicted", "rejects", "write_errors", "drops")
@@ -647,6 +647,9 @@ class Dataplane:
         return ("drop", reason, None)
 
     def _reject(self, p, tot):
+        # no ICMP error to 0/8, loopback, multicast or broadcast sources
+        if p[IP_SRC] == 0 or p[IP_SRC] == 127 or p[IP_SRC] >= 224:
+            return self._drop("martian")
         self.cnt["rejects"] += 1
         return ("reply", "none", build_port_unreachable(p, tot))
 
@@ -899,7 +902,8 @@ class Dataplane:
         isport, idport = struct.unpack_from("!HH", p, il4 + L4_SPORT)
         # the reverse of what we sent; a flow past its timeout is as good as gone
         ref = self.ct.find((idst, isrc, idport, isport, iproto))
-        if ref is None or self.ct.entries[ref[0]].expires <= now:
+        # the error must be about a live flow and addressed to the quoted sender
+        if ref is None or self.ct.entries[ref[0]].expires <= now or odst != isrc:
             return self._drop(self._unmatched(t, odst))
         fid, direction = ref
         e = self.ct.entries[fid]
