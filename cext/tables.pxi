@@ -101,6 +101,7 @@ cdef class Tables:
     cdef uint32_t *node_addrs
     cdef uint32_t nnode
     cdef uint16_t *mh               # Maglev rings, indexes into each service's backends
+    cdef uint32_t nmh               # rings in mh
     cdef uint64_t max_id            # largest service id + 1
     cdef uint64_t max_bid           # largest backend id + 1
     cdef readonly object names      # service-port names, index = svc id (for stats)
@@ -142,6 +143,7 @@ cdef class Tables:
             if s.get("scheduler", 0) == SCHED_MH and s["backends"]:
                 nmh += 1
         self.mh = <uint16_t *>malloc(max(1, nmh) * MAGLEV_SIZE * sizeof(uint16_t))
+        self.nmh = nmh
         if not self.mh:
             raise MemoryError()
         self.max_id = 0
@@ -231,6 +233,78 @@ cdef class Tables:
     @property
     def size(self):
         return self.nsvcs
+
+    def with_backends(self, dict changes):
+        """A new generation equal to this one but for the backends of the rows
+        in changes ({row index: [(addr, port, id)]}): an endpoint change costs
+        a copy of flat arrays, not a compile of every service."""
+        cdef Tables t = Tables.__new__(Tables)
+        cdef uint32_t i, b = 0, nb = 0, m = 0, nmh = 0
+        cdef uint64_t slots = self.svc_mask + 1, vslots = self.vip_mask + 1
+        cdef svc_t *sv
+        for i in range(self.nsvcs):
+            rows = changes.get(i)
+            nb += len(rows) if rows is not None else self.svcs[i].backend_count
+            if self.svcs[i].scheduler == SCHED_MH and (rows if rows is not None else self.svcs[i].backend_count):
+                nmh += 1
+        for i, rows in changes.items():
+            if not 0 <= i < self.nsvcs:
+                raise ValueError(f"no row {i}")
+            if self.svcs[i].scheduler == SCHED_MH and len(rows) > 65534:
+                raise ValueError(f"{self.names[i]}: Maglev takes at most 65534 backends")
+        t.names = self.names
+        t.nsvcs, t.svc_mask, t.vip_mask = self.nsvcs, self.svc_mask, self.vip_mask
+        t.nranges, t.ndrop, t.nnode = self.nranges, self.ndrop, self.nnode
+        t.max_id, t.max_bid = self.max_id, self.max_bid
+        t.svc_slots = <svc_slot_t *>malloc(slots * sizeof(svc_slot_t))
+        t.svcs = <svc_t *>malloc(max(1, self.nsvcs) * sizeof(svc_t))
+        t.backends = <backend_t *>calloc(max(1, nb), sizeof(backend_t))
+        t.vip_slots = <uint32_t *>malloc(vslots * sizeof(uint32_t))
+        t.ranges = <cidr_t *>malloc(max(1, self.nranges) * sizeof(cidr_t))
+        t.drop_cidrs = <cidr_t *>malloc(max(1, self.ndrop) * sizeof(cidr_t))
+        t.node_addrs = <uint32_t *>malloc(max(1, self.nnode) * sizeof(uint32_t))
+        t.mh = <uint16_t *>malloc(max(1, nmh) * MAGLEV_SIZE * sizeof(uint16_t))
+        t.nmh = nmh
+        if not (t.svc_slots and t.svcs and t.backends and t.vip_slots and t.ranges
+                and t.drop_cidrs and t.node_addrs and t.mh):
+            raise MemoryError()
+        memcpy(t.svc_slots, self.svc_slots, slots * sizeof(svc_slot_t))
+        memcpy(t.svcs, self.svcs, max(1, self.nsvcs) * sizeof(svc_t))
+        memcpy(t.vip_slots, self.vip_slots, vslots * sizeof(uint32_t))
+        memcpy(t.ranges, self.ranges, max(1, self.nranges) * sizeof(cidr_t))
+        memcpy(t.drop_cidrs, self.drop_cidrs, max(1, self.ndrop) * sizeof(cidr_t))
+        memcpy(t.node_addrs, self.node_addrs, max(1, self.nnode) * sizeof(uint32_t))
+        for i in range(self.nsvcs):
+            sv = &t.svcs[i]
+            rows = changes.get(i)
+            if rows is None:
+                memcpy(t.backends + b, self.backends + self.svcs[i].backend_start,
+                       self.svcs[i].backend_count * sizeof(backend_t))
+                sv.backend_start = b
+                b += sv.backend_count
+            else:
+                sv.backend_start = b
+                for be in rows:
+                    t.backends[b].addr = htonl(be[0])
+                    t.backends[b].port = htons(be[1])
+                    t.backends[b].id = be[2] if len(be) > 2 else b
+                    if t.backends[b].id >= 0xffffffffU:
+                        raise ValueError(f"{self.names[i]}: backend id out of range")
+                    t.max_bid = max(t.max_bid, <uint64_t>t.backends[b].id + 1)
+                    b += 1
+                sv.backend_count = b - sv.backend_start
+                sv.rr = 0
+            sv.mh_start = sv.mh_size = 0
+            if sv.scheduler == SCHED_MH and sv.backend_count:
+                sv.mh_start = m * MAGLEV_SIZE
+                sv.mh_size = MAGLEV_SIZE
+                if rows is None:
+                    memcpy(t.mh + sv.mh_start, self.mh + self.svcs[i].mh_start, MAGLEV_SIZE * sizeof(uint16_t))
+                else:
+                    maglev_fill(t.mh + sv.mh_start, MAGLEV_SIZE, t.backends + sv.backend_start, sv.backend_count)
+                m += 1
+        t.nbackends = b
+        return t
 
     cdef inline svc_t *lookup(self, uint32_t addr, uint16_t port, uint8_t proto) noexcept nogil:
         cdef uint64_t key = svc_key(addr, port, proto)

@@ -65,6 +65,12 @@ def _cidr(c):
     return (int(n.network_address), n.prefixlen)
 
 
+def backend_rows(name, pi, state):
+    """The backends of one service port as a table row takes them."""
+    bid = state.backends.get
+    return [(_int(e.ip), e.port, bid((name, e.ip, e.port))) for e in pi.usable]
+
+
 def rows(smap, engine_cfg, extra=(), state=None):
     """The table rows as plain dicts. With a CompileState, rows carry stable
     service and backend ids."""
@@ -79,8 +85,7 @@ def rows(smap, engine_cfg, extra=(), state=None):
             name = info.port_name(pi)
             if state:
                 # one id per (service port, endpoint): lc counts flows per service, as IPVS
-                bid = state.backends.get
-                backends = [(_int(e.ip), e.port, bid((name, e.ip, e.port))) for e in pi.usable]
+                backends = backend_rows(name, pi, state)
             else:
                 backends = [(_int(e.ip), e.port) for e in pi.usable]
             base = dict(name=name, port=pi.port.port, proto=proto, backends=backends, scheduler=sched)

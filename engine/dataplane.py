@@ -228,7 +228,14 @@ class Engine:
             overrides = dict(self.overrides)
             for key, group in changes.items():
                 overrides[key] = None if delete else group
-            self.sync(config_mod.merge(self.base, overrides))
+            # a Service applied again unchanged (kubectl apply -f of a whole
+            # manifest) does not force a full sync
+            endpoint_changes = {k: g for k, g in changes.items() if k[0] != "Service"}
+            services_same = not objs.services or (not delete and all(self._unchanged(o) for o in objs.services))
+            if services_same and self.smap is not None and self._sync_endpoints(endpoint_changes, delete):
+                pass        # endpoints only: the incremental path took it
+            else:
+                self.sync(config_mod.merge(self.base, overrides))
             self.overrides = overrides
             verb = "deleted" if delete else "configured"
             return [f"{kind.lower()}/{n} {verb}" for kind, ns, n in changes] + \
@@ -291,14 +298,68 @@ class Engine:
                     extra.add(f"{ip}/32")
         self.tun.set_routes(extra)
 
-    def _cleanup_stale_udp(self, old, new):
+    def _unchanged(self, svc):
+        import dataclasses
+        info = self.smap.services.get(svc.key) if self.smap else None
+        return info is not None and dataclasses.replace(info.svc, source=None) == dataclasses.replace(svc, source=None)
+
+    def _sync_endpoints(self, changes, delete):
+        """Pods and EndpointSlices changed, no Service: recompute the services
+        whose endpoints can change and patch only their rows of the current
+        tables (as kube-proxy's endpoints change tracker). Returns False when
+        the change needs a full sync."""
+        t0 = time.perf_counter()
+        pods, slices = [], []
+        for (kind, ns, name), group in changes.items():
+            if kind == "Pod":
+                pods.append(((ns, name), None if delete else group[0]))
+            elif kind in ("EndpointSlice", "Endpoints"):
+                svc_name = group[0].service_name
+                slices.append(((kind, ns, name), ns, svc_name, None if delete else group))
+            else:
+                return False
+        smap, affected = servicemap.update_endpoints(self.smap, pods, slices)
+        tables = self.fp.current_tables
+        if getattr(self, "_rows_of", (None,))[0] is not tables.names:
+            rows = {}
+            for i, n in enumerate(tables.names):
+                rows.setdefault(n, []).append(i)
+            self._rows_of = (tables.names, rows)     # row indexes by name, per generation's names
+        rows = self._rows_of[1]
+        patch = {}
+        for key in affected:
+            info = smap.services[key]
+            for pi in info.ports:
+                name = info.port_name(pi)
+                if name in rows:
+                    be = compiler.backend_rows(name, pi, self.state)
+                    for i in rows[name]:
+                        patch[i] = be
+        try:
+            self.fp.swap(tables.with_backends(patch))
+        except ValueError as e:
+            raise ConfigError(self.base.path or "config", "", str(e)) from None
+        old = self.smap
+        self.smap = smap
+        if self.dns and any(smap.services[k].cluster_ip == "None" for k in affected):
+            self.dns.update(smap)
+        self._cleanup_stale_udp(old, smap, affected)
+        self.sync_seconds = time.perf_counter() - t0
+        self.last_sync_wall = time.time()
+        self.syncs += 1
+        return True
+
+    def _cleanup_stale_udp(self, old, new, keys=None):
         """kube-proxy's stale-UDP cleanup: flows to an endpoint that no longer
-        serves a UDP service port are removed so their clients move over."""
+        serves a UDP service port are removed so their clients move over.
+        keys: only these services changed."""
         if old is None:
             return
         def serving(smap):
             out = set()
-            for info in smap.services.values():
+            for k, info in smap.services.items():
+                if keys is not None and k not in keys:
+                    continue
                 for pi in info.ports:
                     if pi.port.protocol == "UDP":
                         out.update((e.ip, e.port) for e in pi.usable)

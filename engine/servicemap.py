@@ -50,6 +50,24 @@ class ServiceInfo:
 class ServiceMap:
     services: dict                     # key -> ServiceInfo, sorted by key
     warnings: list = field(default_factory=list)
+    # what endpoint-only changes need (update_endpoints), kept from build()
+    pods: dict = field(default_factory=dict, repr=False)        # (ns, name) -> Pod
+    index: object = field(default=None, repr=False)             # PodIndex of pods
+    _selectors: object = field(default=None, repr=False)
+
+    def selectors(self):
+        """(services by (ns, label key, value) of their selector, services by
+        (ns, name)), built once per map and handed on while services stay."""
+        if self._selectors is None:
+            by_label, by_name = {}, {}
+            for info in self.services.values():
+                s = info.svc
+                by_name[(s.namespace, s.name)] = s
+                for k, v in (s.selector or {}).items():
+                    by_label.setdefault((s.namespace, k, v), []).append(s)
+            self._selectors = (by_label, by_name)
+        return self._selectors
+    slices: dict = field(default_factory=dict, repr=False)      # (ns, service) -> {slice key: [slices]}
 
     def allocations(self):
         """What to keep stable on the next build (see build(previous=))."""
@@ -116,9 +134,10 @@ def build(cfg, previous=None):
     _node_ports(eng, services, infos, previous)
     _ingress(eng, services, infos, previous, used_ips)
     pods = PodIndex(cfg.pods)
-    slices_by_svc = {}
+    slices = {}
     for sl in cfg.slices:
-        slices_by_svc.setdefault((sl.namespace, sl.service_name), []).append(sl)
+        slices.setdefault((sl.namespace, sl.service_name), {}).setdefault(_slice_key(sl), []).append(sl)
+    slices_by_svc = {k: [x for group in v.values() for x in group] for k, v in slices.items()}
     warnings = []
     for s in services:
         info = infos[s.key]
@@ -130,7 +149,83 @@ def build(cfg, previous=None):
         if s.type != "ExternalName" and s.selector is not None and not pods.select(s.namespace, s.selector):
             info.warnings.append(f"selector {_fmt_sel(s.selector)} matches no pod")
         warnings.extend(f"{s.source}: {w}" for w in info.warnings)
-    return ServiceMap(services=infos, warnings=warnings)
+    return ServiceMap(services=infos, warnings=warnings, slices=slices, index=pods,
+                      pods={(p.namespace, p.name): p for p in cfg.pods})
+
+
+def _slice_key(sl):
+    """Slices of one object (an Endpoints' subsets) share its key."""
+    return (sl.source.kind, sl.namespace, sl.source.name) if sl.source else (sl.namespace, sl.name)
+
+
+def update_endpoints(smap, pods=(), slices=()):
+    """A new ServiceMap for a change of Pods and/or EndpointSlices only
+    (kube-proxy's endpoints change tracker): only services whose endpoints
+    can change are recomputed. pods: [(key, Pod or None)]; slices:
+    [(slice key, namespace, service name, [slices] or None)].
+    Returns (new smap, keys of the services recomputed)."""
+    new_pods = dict(smap.pods)
+    touched = []                       # old and new versions of changed pods
+    for key, pod in pods:
+        old = new_pods.pop(key, None)
+        if old is not None:
+            touched.append(old)
+        if pod is not None:
+            new_pods[key] = pod
+            touched.append(pod)
+    new_slices = dict(smap.slices)
+    owners = set()
+    for skey, ns, svc_name, group in slices:
+        owner = (ns, svc_name)
+        cur = dict(new_slices.get(owner, {}))
+        for k2, v in list(cur.items()):        # the same object may have moved to another service
+            if k2 == skey:
+                del cur[k2]
+        for o, g in list(new_slices.items()):
+            if o != owner and skey in g:
+                g2 = dict(g)
+                del g2[skey]
+                new_slices[o] = g2
+                owners.add(o)
+        if group:
+            cur[skey] = group
+        new_slices[owner] = cur
+        owners.add(owner)
+    affected = set()
+    by_label, by_name = smap.selectors()
+    for p in touched:
+        for k, v in p.labels.items():
+            for s in by_label.get((p.namespace, k, v), ()):
+                if _matches(s.selector, p.labels):
+                    affected.add(s.key)
+    for owner in owners:
+        s = by_name.get(owner)
+        if s is not None and s.selector is None:
+            affected.add(s.key)
+    removed = [p for p in touched if new_pods.get((p.namespace, p.name)) is not p]
+    added = [p for p in touched if new_pods.get((p.namespace, p.name)) is p]
+    index = smap.index.updated(removed, added)
+    if not affected:
+        return ServiceMap(services=smap.services, warnings=smap.warnings, pods=new_pods, slices=new_slices,
+                          index=index, _selectors=smap._selectors), affected
+    services = dict(smap.services)
+    for key in affected:
+        old = services[key]
+        s = old.svc
+        info = ServiceInfo(svc=s, cluster_ip=old.cluster_ip, ingress_ip=old.ingress_ip,
+                           ports=[PortInfo(port=pi.port, node_port=pi.node_port, endpoints=[]) for pi in old.ports],
+                           warnings=[w for w in old.warnings if "matches no pod" not in w])
+        sl = [x for g in new_slices.get((s.namespace, s.name), {}).values() for x in g]
+        for pi in info.ports:
+            if s.selector is not None:
+                pi.endpoints = _selector_endpoints(s, pi.port, index.select(s.namespace, s.selector))
+            else:
+                pi.endpoints = _slice_endpoints(pi.port, sl)
+        if s.type != "ExternalName" and s.selector is not None and not index.select(s.namespace, s.selector):
+            info.warnings.append(f"selector {_fmt_sel(s.selector)} matches no pod")
+        services[key] = info
+    return ServiceMap(services=services, warnings=smap.warnings, pods=new_pods, slices=new_slices,
+                      index=index, _selectors=smap._selectors), affected
 
 
 def _node_ports(eng, services, infos, previous):
@@ -214,6 +309,25 @@ class PodIndex:
             for k, v in p.labels.items():
                 self.by_label.setdefault((p.namespace, k, v), []).append(p)
         self._cache = {}
+
+    def updated(self, removed, added):
+        """A new index without `removed` and with `added` pods; lists of
+        untouched labels are shared with this one."""
+        new = PodIndex(())
+        new.by_label = dict(self.by_label)
+        copied = set()
+        for p, add in [(p, False) for p in removed] + [(p, True) for p in added]:
+            for k, v in p.labels.items():
+                key = (p.namespace, k, v)
+                if key not in copied:
+                    new.by_label[key] = list(new.by_label.get(key, ()))
+                    copied.add(key)
+                lst = new.by_label[key]
+                if add:
+                    lst.append(p)
+                else:
+                    lst[:] = [x for x in lst if x is not p]
+        return new
 
     def select(self, namespace, selector):
         """Pods of namespace whose labels include selector, sorted by name
