@@ -129,6 +129,9 @@ def cmd_apply(args, delete=False):
     except OSError as e:
         print(f"error: {args.filename}: {e.strerror}", file=sys.stderr)
         return 1
+    except UnicodeDecodeError as e:
+        print(f"error: {args.filename}: not UTF-8 text: {e}", file=sys.stderr)
+        return 1
     return _control(args, {"cmd": "delete" if delete else "apply", "text": text, "name": name})
 
 

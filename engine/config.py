@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import os
 import re
+import reprlib
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -24,14 +25,34 @@ log = logging.getLogger("engine.config")
 # nested collections recursively in C and overflows the C stack on hostile
 # nesting (100,000 levels), so deep input goes to the pure-Python loader,
 # whose recursion limit gives a clean error instead.
-CSafeLoader = getattr(yaml, "CSafeLoader", None)
+def _construct_mapping(self, node, deep=False):
+    """Refuse a key given twice in one mapping, as Kubernetes does ("mapping
+    key already defined"); PyYAML would silently keep the last."""
+    seen = set()
+    for key_node, _ in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+            if key_node.value in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {_short(key_node.value)}: mapping key already defined", key_node.start_mark)
+            seen.add(key_node.value)
+    return yaml.SafeLoader.construct_mapping(self, node, deep)
+
+
+class StrictSafeLoader(yaml.SafeLoader):
+    construct_mapping = _construct_mapping
+
+
+CSafeLoader = None
+if hasattr(yaml, "CSafeLoader"):
+    class CSafeLoader(yaml.CSafeLoader):
+        construct_mapping = _construct_mapping
 MAX_FAST_DEPTH = 1000
 _DEEP_BLOCK = re.compile(r"(?:[-?:][ \t]+){%d}" % MAX_FAST_DEPTH)
 
 
 def _yaml_docs(text):
     """All documents of a YAML stream, as plain Python objects."""
-    loader = yaml.SafeLoader
+    loader = StrictSafeLoader
     if CSafeLoader is not None and not _maybe_deep(text):
         loader = CSafeLoader
     return [d for d in yaml.load_all(text, Loader=loader) if d is not None]
@@ -53,6 +74,16 @@ DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS1123_SUB = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 IANA_SVC_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
 SCHEDULERS = ("random", "rr", "lc", "sh", "mh")
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 60, 60
+
+
+def _short(v):
+    """A bounded repr for messages: a hostile value (an alias bomb) must not
+    be expanded into the error that refuses it."""
+    return _REPR.repr(v)
 
 
 class ConfigError(Exception):
@@ -117,7 +148,7 @@ class Config:
 def _duration(where, fld, v):
     """86400, "86400s", "1h30m", "10m" -> seconds (int)."""
     if isinstance(v, bool):
-        raise ConfigError(where, fld, f"expected a duration, got {v!r}")
+        raise ConfigError(where, fld, f"expected a duration, got {_short(v)}")
     if isinstance(v, int):
         secs = v
     elif isinstance(v, str) and re.fullmatch(r"(\d+h)?(\d+m)?(\d+s)?", v.strip()) and v.strip():
@@ -125,15 +156,15 @@ def _duration(where, fld, v):
         h, mi, s = (int(x) if x else 0 for x in m.groups())
         secs = h * 3600 + mi * 60 + s
     else:
-        raise ConfigError(where, fld, f"expected a duration like 30s, 10m or 24h, got {v!r}")
+        raise ConfigError(where, fld, f"expected a duration like 30s, 10m or 24h, got {_short(v)}")
     if secs <= 0 or secs > 10 * 365 * 86400:
-        raise ConfigError(where, fld, f"duration out of range: {v!r}")
+        raise ConfigError(where, fld, f"duration out of range: {_short(v)}")
     return secs
 
 
 def _int(where, fld, v, lo, hi):
     if isinstance(v, bool) or not isinstance(v, int):
-        raise ConfigError(where, fld, f"expected an integer, got {v!r}")
+        raise ConfigError(where, fld, f"expected an integer, got {_short(v)}")
     if not lo <= v <= hi:
         raise ConfigError(where, fld, f"{v} is out of range {lo}-{hi}")
     return v
@@ -141,7 +172,7 @@ def _int(where, fld, v, lo, hi):
 
 def _str(where, fld, v):
     if not isinstance(v, str):
-        raise ConfigError(where, fld, f"expected a string, got {v!r}")
+        raise ConfigError(where, fld, f"expected a string, got {_short(v)}")
     return v
 
 
@@ -149,14 +180,14 @@ def _ipv4(where, fld, v):
     try:
         return str(ipaddress.IPv4Address(_str(where, fld, v)))
     except ipaddress.AddressValueError:
-        raise ConfigError(where, fld, f"not an IPv4 address: {v!r}") from None
+        raise ConfigError(where, fld, f"not an IPv4 address: {_short(v)}") from None
 
 
 def _cidr(where, fld, v):
     try:
         return str(ipaddress.IPv4Network(_str(where, fld, v), strict=False))
     except (ipaddress.AddressValueError, ipaddress.NetmaskValueError, ValueError):
-        raise ConfigError(where, fld, f"not an IPv4 CIDR: {v!r}") from None
+        raise ConfigError(where, fld, f"not an IPv4 CIDR: {_short(v)}") from None
 
 
 def _hostport(where, fld, v):
@@ -165,10 +196,10 @@ def _hostport(where, fld, v):
     s = _str(where, fld, v)
     host, sep, port = s.rpartition(":")
     if not sep:
-        raise ConfigError(where, fld, f"expected ADDRESS:PORT, got {v!r}")
+        raise ConfigError(where, fld, f"expected ADDRESS:PORT, got {_short(v)}")
     _ipv4(where, fld, host)
     if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(where, fld, f"bad port in {v!r}")
+        raise ConfigError(where, fld, f"bad port in {_short(v)}")
     return s
 
 
@@ -178,6 +209,19 @@ def _map(where, fld, v):
     if not isinstance(v, dict):
         raise ConfigError(where, fld, f"expected a mapping, got {type(v).__name__}")
     return v
+
+
+def _str_map(where, fld, v):
+    """Labels, selectors, annotations: strings to strings, as Kubernetes'
+    map[string]string (a number or a list there is an error, not a string)."""
+    out = {}
+    for k, x in _map(where, fld, v).items():
+        if not isinstance(k, str):
+            raise ConfigError(where, fld, f"keys must be strings, got {_short(k)}")
+        if not isinstance(x, str):
+            raise ConfigError(where, f"{fld}.{k}", f"must be a string, got {_short(x)} (quote it)")
+        out[k] = x
+    return out
 
 
 def _list(where, fld, v):
@@ -208,17 +252,17 @@ def parse_engine(doc, where):
     if "tunName" in doc:
         c.tun_name = _str(where, "tunName", doc["tunName"])
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", c.tun_name):
-            raise ConfigError(where, "tunName", f"not a valid interface name: {c.tun_name!r}")
+            raise ConfigError(where, "tunName", f"not a valid interface name: {_short(c.tun_name)}")
     if "serviceCIDR" in doc:
         c.service_cidr = _cidr(where, "serviceCIDR", doc["serviceCIDR"])
     if "nodePortRange" in doc:
         v = doc["nodePortRange"]
         m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", str(v)) if isinstance(v, (str, int)) else None
         if not m:
-            raise ConfigError(where, "nodePortRange", f"expected FIRST-LAST, got {v!r}")
+            raise ConfigError(where, "nodePortRange", f"expected FIRST-LAST, got {_short(v)}")
         lo, hi = int(m.group(1)), int(m.group(2))
         if not 1 <= lo <= hi <= 65535:
-            raise ConfigError(where, "nodePortRange", f"bad range {v!r}")
+            raise ConfigError(where, "nodePortRange", f"bad range {_short(v)}")
         c.node_port_range = (lo, hi)
     if "nodePortAddresses" in doc:
         c.node_port_addresses = [_cidr(where, f"nodePortAddresses[{i}]", a)
@@ -230,7 +274,7 @@ def parse_engine(doc, where):
     if "scheduler" in doc:
         c.scheduler = _str(where, "scheduler", doc["scheduler"])
         if c.scheduler not in SCHEDULERS:
-            raise ConfigError(where, "scheduler", f"unknown scheduler {c.scheduler!r} (one of {', '.join(SCHEDULERS)})")
+            raise ConfigError(where, "scheduler", f"unknown scheduler {_short(c.scheduler)} (one of {', '.join(SCHEDULERS)})")
     if "dns" in doc:
         d = _map(where, "dns", doc["dns"])
         _check_keys(where, "dns", d, {"clusterIP", "domain", "upstream", "ttl", "port"})
@@ -239,7 +283,7 @@ def parse_engine(doc, where):
         if "domain" in d:
             c.dns.domain = _str(where, "dns.domain", d["domain"]).strip(".").lower()
             if not DNS1123_SUB.match(c.dns.domain):
-                raise ConfigError(where, "dns.domain", f"not a DNS domain: {d['domain']!r}")
+                raise ConfigError(where, "dns.domain", f"not a DNS domain: {_short(d['domain'])}")
         if "upstream" in d:
             ups = d["upstream"] if isinstance(d["upstream"], list) else [d["upstream"]]
             c.dns.upstream = [_upstream(where, f"dns.upstream[{i}]", u) for i, u in enumerate(ups)]
@@ -279,11 +323,11 @@ def parse_engine(doc, where):
 def _upstream(where, fld, v):
     s = str(v) if isinstance(v, (str, int)) else None
     if s is None:
-        raise ConfigError(where, fld, f"expected ADDRESS or ADDRESS:PORT, got {v!r}")
+        raise ConfigError(where, fld, f"expected ADDRESS or ADDRESS:PORT, got {_short(v)}")
     host, _, port = s.partition(":")
     _ipv4(where, fld, host)
     if port and (not port.isdigit() or not 1 <= int(port) <= 65535):
-        raise ConfigError(where, fld, f"bad port in {v!r}")
+        raise ConfigError(where, fld, f"bad port in {_short(v)}")
     return (host, int(port) if port else 53)
 
 
@@ -297,7 +341,7 @@ def _meta(doc, file, kind):
         raise ConfigError(where0, "metadata.name", "is required")
     ns = meta.get("namespace", "default")
     if not isinstance(ns, str) or not DNS1123_LABEL.match(ns):
-        raise ConfigError(Source(file, kind, "", name), "metadata.namespace", f"not a valid namespace: {ns!r}")
+        raise ConfigError(Source(file, kind, "", name), "metadata.namespace", f"not a valid namespace: {_short(ns)}")
     return meta, Source(file, kind, ns, name)
 
 
@@ -308,21 +352,21 @@ def parse_service(doc, file):
     spec = _map(src, "spec", doc.get("spec"))
     typ = spec.get("type", "ClusterIP")
     if typ not in SERVICE_TYPES:
-        raise ConfigError(src, "spec.type", f"unsupported value {typ!r} (one of {', '.join(SERVICE_TYPES)})")
+        raise ConfigError(src, "spec.type", f"unsupported value {_short(typ)} (one of {', '.join(SERVICE_TYPES)})")
     svc = Service(namespace=src.namespace, name=src.name, type=typ, cluster_ip=None,
                   selector=None, ports=[], source=src,
-                  annotations={str(k): str(v) for k, v in _map(src, "metadata.annotations", meta.get("annotations")).items()})
+                  annotations=_str_map(src, "metadata.annotations", meta.get("annotations")))
     sched = svc.annotations.get("engine.io/scheduler")
     if sched is not None and sched not in SCHEDULERS:
         raise ConfigError(src, 'metadata.annotations["engine.io/scheduler"]',
-                          f"unknown scheduler {sched!r} (one of {', '.join(SCHEDULERS)})")
+                          f"unknown scheduler {_short(sched)} (one of {', '.join(SCHEDULERS)})")
     if typ == "ExternalName":
         en = spec.get("externalName")
         if not isinstance(en, str) or not en:
             raise ConfigError(src, "spec.externalName", "is required for type ExternalName")
         en = en.rstrip(".").lower()
         if not DNS1123_SUB.match(en) or len(en) > 253:
-            raise ConfigError(src, "spec.externalName", f"not a DNS name: {spec['externalName']!r}")
+            raise ConfigError(src, "spec.externalName", f"not a DNS name: {_short(spec['externalName'])}")
         svc.external_name = en
     cip = spec.get("clusterIP")
     if cip not in (None, ""):
@@ -335,7 +379,7 @@ def parse_service(doc, file):
     sel = spec.get("selector")
     if sel is not None:
         sel = _map(src, "spec.selector", sel)
-        svc.selector = {str(k): str(v) for k, v in sel.items()}
+        svc.selector = _str_map(src, "spec.selector", sel)
     ports = _list(src, "spec.ports", spec.get("ports"))
     if not ports and typ not in ("ExternalName",) and not svc.headless:
         raise ConfigError(src, "spec.ports", "at least one port is required")
@@ -346,17 +390,17 @@ def parse_service(doc, file):
         _check_keys(src, f, p, {"name", "protocol", "port", "targetPort", "nodePort", "appProtocol"})
         name = p.get("name", "")
         if not isinstance(name, str) or (name and not DNS1123_LABEL.match(name)):
-            raise ConfigError(src, f"{f}.name", f"not a valid port name: {name!r}")
+            raise ConfigError(src, f"{f}.name", f"not a valid port name: {_short(name)}")
         if len(ports) > 1 and not name:
             raise ConfigError(src, f"{f}.name", "is required when a service has more than one port")
         if name in seen_names:
-            raise ConfigError(src, f"{f}.name", f"duplicate port name {name!r}")
+            raise ConfigError(src, f"{f}.name", f"duplicate port name {_short(name)}")
         seen_names.add(name)
         proto = p.get("protocol", "TCP")
         if proto == "SCTP":
             raise ConfigError(src, f"{f}.protocol", "SCTP is not supported by this engine")
         if proto not in PROTOCOLS:
-            raise ConfigError(src, f"{f}.protocol", f"unsupported value {proto!r} (TCP or UDP)")
+            raise ConfigError(src, f"{f}.protocol", f"unsupported value {_short(proto)} (TCP or UDP)")
         port = _int(src, f"{f}.port", p.get("port"), 1, 65535)
         if (port, proto) in seen_ports:
             raise ConfigError(src, f"{f}.port", f"duplicate port {port}/{proto}")
@@ -366,7 +410,7 @@ def parse_service(doc, file):
             tp = int(tp)
         if isinstance(tp, str):
             if not IANA_SVC_NAME.match(tp) or not re.search(r"[a-z]", tp):
-                raise ConfigError(src, f"{f}.targetPort", f"not a port number or name: {tp!r}")
+                raise ConfigError(src, f"{f}.targetPort", f"not a port number or name: {_short(tp)}")
         else:
             tp = _int(src, f"{f}.targetPort", tp, 1, 65535)
         np_ = p.get("nodePort")
@@ -384,7 +428,7 @@ def parse_service(doc, file):
                         for i, a in enumerate(_list(src, "spec.externalIPs", spec.get("externalIPs")))]
     aff = spec.get("sessionAffinity", "None")
     if aff not in ("None", "ClientIP"):
-        raise ConfigError(src, "spec.sessionAffinity", f"unsupported value {aff!r} (None or ClientIP)")
+        raise ConfigError(src, "spec.sessionAffinity", f"unsupported value {_short(aff)} (None or ClientIP)")
     svc.session_affinity = aff
     sac = _map(src, "spec.sessionAffinityConfig", spec.get("sessionAffinityConfig"))
     cip_cfg = _map(src, "spec.sessionAffinityConfig.clientIP", sac.get("clientIP"))
@@ -397,7 +441,7 @@ def parse_service(doc, file):
 
 def parse_pod(doc, file):
     meta, src = _meta(doc, file, "Pod")
-    labels = {str(k): str(v) for k, v in _map(src, "metadata.labels", meta.get("labels")).items()}
+    labels = _str_map(src, "metadata.labels", meta.get("labels"))
     spec = _map(src, "spec", doc.get("spec"))
     status = _map(src, "status", doc.get("status"))
     ip = status.get("podIP")
@@ -433,13 +477,13 @@ def parse_endpointslice(doc, file):
     if not svc_name:
         raise ConfigError(src, "metadata.labels", "kubernetes.io/service-name is required")
     if doc.get("addressType", "IPv4") != "IPv4":
-        raise ConfigError(src, "addressType", f"unsupported value {doc.get('addressType')!r} (IPv4)")
+        raise ConfigError(src, "addressType", f"unsupported value {_short(doc.get('addressType'))} (IPv4)")
     ports = []
     for i, p in enumerate(_list(src, "ports", doc.get("ports"))):
         p = _map(src, f"ports[{i}]", p)
         proto = p.get("protocol", "TCP")
         if proto not in PROTOCOLS:
-            raise ConfigError(src, f"ports[{i}].protocol", f"unsupported value {proto!r}")
+            raise ConfigError(src, f"ports[{i}].protocol", f"unsupported value {_short(proto)}")
         ports.append((p.get("name", "") or "", _int(src, f"ports[{i}].port", p.get("port"), 1, 65535), proto))
     eps = []
     for i, e in enumerate(_list(src, "endpoints", doc.get("endpoints"))):
@@ -470,7 +514,7 @@ def parse_endpoints(doc, file):
             p = _map(src, f"{f}.ports[{i}]", p)
             proto = p.get("protocol", "TCP")
             if proto not in PROTOCOLS:
-                raise ConfigError(src, f"{f}.ports[{i}].protocol", f"unsupported value {proto!r}")
+                raise ConfigError(src, f"{f}.ports[{i}].protocol", f"unsupported value {_short(proto)}")
             ports.append((p.get("name", "") or "", _int(src, f"{f}.ports[{i}].port", p.get("port"), 1, 65535), proto))
         eps = []
         for key, ready in (("addresses", True), ("notReadyAddresses", False)):
@@ -517,7 +561,7 @@ def _manifest_files(base_dir, entry, where):
                       if f.endswith((".yaml", ".yml", ".json")) and not f.startswith("."))
     if os.path.isfile(p):
         return [p]
-    raise ConfigError(where, "manifests", f"no such file or folder: {entry!r}")
+    raise ConfigError(where, "manifests", f"no such file or folder: {_short(entry)}")
 
 
 def _objects(doc, file, cfg, engine_docs):

@@ -41,7 +41,8 @@ class Engine:
         self.base = cfg                 # objects from the files
         self.overrides = {}             # engine apply/delete: key -> [objects] | None
         self.lock = threading.RLock()   # one sync at a time
-        self._stamps = None
+        self._stamps = self._file_stamps()      # the files as loaded: later writes are changes
+        self._pending = None
         self.programmed = False
         self.last_sync_wall = None
         self.sync_seconds = 0.0
@@ -204,8 +205,9 @@ class Engine:
     def reload(self):
         """Re-read the configuration files and apply them. A bad change is
         refused (ConfigError) and the running table stays as it was."""
+        stamps = self._file_stamps()
+        cfg = config_mod.load(self.base.path)      # parsed outside the lock: inspection goes on
         with self.lock:
-            cfg = config_mod.load(self.base.path)
             cfg.engine.control_socket = self.base.engine.control_socket     # may come from the command line
             cfg.engine.state_file = self.base.engine.state_file
             for f in self.RESTART_FIELDS:
@@ -215,7 +217,7 @@ class Engine:
                 self.fp.set_timeouts(timeouts_from(cfg.engine.conntrack))
             self.sync(config_mod.merge(cfg, self.overrides))
             self.base = cfg
-            self._stamps = self._file_stamps()
+            self._stamps = stamps
 
     def apply(self, text, name, delete=False):
         """engine apply/delete -f: objects in text replace (or remove) those
@@ -260,14 +262,18 @@ class Engine:
         return stamps
 
     def watch_once(self):
-        """Reload if a watched file changed; returns True when it did."""
+        """Reload if a watched file changed and has stayed the same since the
+        last check (a file being written is not read half-way); returns True
+        when it reloaded."""
         stamps = self._file_stamps()
-        if self._stamps is None:
-            self._stamps = stamps
-            return False
         if stamps == self._stamps:
+            self._pending = None
             return False
-        self._stamps = stamps
+        if stamps != self._pending:
+            self._pending = stamps          # changed: read it once it holds still
+            return False
+        self._pending = None
+        self._stamps = stamps               # a refused change is not retried until the next one
         self.reload()
         return True
 

@@ -26,6 +26,7 @@ native-order arithmetic (the one's-complement sum is byte-order independent).
 Stands alone: imports nothing from engine._fastpath and nothing outside the
 standard library.
 """
+import copy
 import struct
 import time
 
@@ -372,6 +373,36 @@ class Tables:
     @property
     def size(self):
         return len(self.svcs)
+
+    def with_backends(self, changes):
+        """A new generation equal to this one but for the backends of the rows
+        in changes ({row index: [(addr, port[, id])]}). Untouched rows keep
+        their backends, ids and round-robin cursors, as the C copy does."""
+        for i, rows in changes.items():
+            if not 0 <= i < len(self.svcs):
+                raise ValueError(f"no row {i}")
+            if self.svcs[i].scheduler == SCHED_MH and len(rows) > MAGLEV_MAX_BACKENDS:
+                raise ValueError(f"{self.svcs[i].name}: Maglev takes at most 65534 backends")
+        t = copy.copy(self)
+        t.svcs = []
+        nb = 0
+        for i, sv in enumerate(self.svcs):
+            sv = copy.copy(sv)
+            rows = changes.get(i)
+            if rows is not None:
+                sv.backends = [(_uint(be[0], 32, "addr"), _uint(be[1], 16, "port"),
+                                _uint(be[2], 32, "id") if len(be) > 2 else nb + j)
+                               for j, be in enumerate(rows)]
+                if any(b[2] == U32 for b in sv.backends):
+                    raise ValueError(f"{sv.name}: backend id out of range")
+                sv.rr = 0
+                sv.ring = _maglev_ring([(a, p) for a, p, _ in sv.backends]) \
+                    if sv.scheduler == SCHED_MH and sv.backends else None
+            nb += len(sv.backends)
+            t.svcs.append(sv)
+        t.max_bid = max([self.max_bid] + [b[2] + 1 for sv in t.svcs for b in sv.backends])
+        t.by_key = {(sv.vip, sv.port, sv.proto): sv for sv in t.svcs}
+        return t
 
     def lookup(self, addr, port, proto):
         return self.by_key.get((addr, port, proto))

@@ -88,9 +88,26 @@ def wait_reloaded(eng, timeout=15.0):
         time.sleep(0.1)
 
 
-def serves(lab):
-    names = lab.http_get(lab.client_ns, f"http://{VIP}/").split()
-    return len(names) == 1 and names[0] in {p.name for p in lab.pods}
+class Serves:
+    """Truthy when the VIP answers from the client; its repr says why not."""
+
+    def __init__(self, lab, eng=None):
+        r = lab.run(lab.client_ns, ["curl", "-s", "-S", "-m", "5", f"http://{VIP}/"], timeout=15)
+        names = r.stdout.split()
+        self.ok = r.returncode == 0 and len(names) == 1 and names[0] in {p.name for p in lab.pods}
+        self.why = f"curl rc={r.returncode} out={r.stdout[:200]!r} err={r.stderr[:300]!r}"
+        if not self.ok and eng is not None:
+            self.why += "\n" + eng.ctl("stats").stdout + eng.ctl("conntrack").stdout[-2000:] + eng.log()[-2000:]
+
+    def __bool__(self):
+        return self.ok
+
+    def __repr__(self):
+        return self.why
+
+
+def serves(lab, eng=None):
+    return Serves(lab, eng)
 
 
 def content(name, tmp_path):
@@ -101,7 +118,8 @@ def content(name, tmp_path):
 def test_broken_manifests_are_refused_and_nothing_changes(lab, live, tmp_path):
     eng, d, good, _ = live
     table = eng.ctl("get", "svc").stdout
-    assert "deploy-svc" in table and serves(lab)
+    ok = serves(lab, eng)
+    assert "deploy-svc" in table and ok, ok
     target = d / "manifests" / "svc.yaml"
     for name in MANIFEST_CASES:
         msg = write_and_wait_refused(eng, target, content(name, tmp_path))
@@ -109,7 +127,8 @@ def test_broken_manifests_are_refused_and_nothing_changes(lab, live, tmp_path):
         for frag in header(corpus(name))["expect"]:
             assert frag in msg, (name, frag, msg)
         assert eng.ctl("get", "svc").stdout == table, name
-        assert serves(lab), name
+        ok = serves(lab, eng)
+        assert ok, (name, ok)
     assert "Traceback" not in eng.log()
     replace(target, good)
     wait_reloaded(eng)
@@ -125,7 +144,8 @@ def test_broken_main_configuration_is_refused(lab, live, tmp_path):
         for frag in header(corpus(name))["expect"]:
             assert frag in msg, (name, frag, msg)
         assert eng.ctl("get", "svc").stdout == table, name
-        assert serves(lab), name
+        ok = serves(lab, eng)
+        assert ok, (name, ok)
     replace(eng.path, main)
     wait_reloaded(eng)
     assert eng.ctl("get", "svc").stdout == table and serves(lab)

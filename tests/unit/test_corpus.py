@@ -167,8 +167,6 @@ def test_odd_but_valid_config_is_accepted(path, results):
     assert "NAMESPACE" in out           # the resolved table is printed
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: cli._read_file decodes with open(encoding='utf-8') and "
-                                       "only OSError is caught: UnicodeDecodeError ends in a traceback")
 def test_apply_of_a_file_that_is_not_utf8_gives_a_message(tmp_path):
     """`engine apply -f` reads the file itself before talking to the engine."""
     path = os.path.join(CORPUS, "broken", "25-latin1.yaml")

@@ -110,3 +110,21 @@ def test_service_change_takes_the_full_path(engine):
     before = engine.fp.current_tables.size
     engine.apply("kind: Service\nmetadata: {name: new}\nspec: {clusterIP: 10.96.3.1, ports: [{port: 80}]}\n", "x")
     assert engine.fp.current_tables.size == before + 1
+
+
+@pytest.mark.parametrize("modname", ["_fastpath", "refpath"])
+def test_with_backends_is_what_a_fresh_table_gives(modname):
+    """Patching rows gives the same choices as building the table anew."""
+    import importlib
+    mod = importlib.import_module(f"engine.{modname}")
+    ip = lambda s: int(ipaddress.IPv4Address(s))
+    rows = [dict(name=f"s{i}", vip=ip(f"10.96.0.{i + 1}"), port=80, proto=6, scheduler=i % 5, id=i,
+                 backends=[(ip(f"10.244.{i}.{j}"), 8080, 100 * i + j) for j in range(2, 5)]) for i in range(6)]
+    new_b = [(ip("10.244.50.2"), 9090, 777), (ip("10.244.50.3"), 9090, 778)]
+    fresh_rows = [dict(r, backends=new_b) if r["name"] in ("s1", "s4") else r for r in rows]
+    kw = dict(vips=[r["vip"] for r in rows])
+    a = mod.Dataplane(ip("169.254.100.1"), tables=mod.Tables(rows, **kw).with_backends({1: new_b, 4: new_b}))
+    b = mod.Dataplane(ip("169.254.100.1"), tables=mod.Tables(fresh_rows, **kw))
+    for k in range(60):
+        pkt = raw(IP(src=f"192.168.1.{k + 1}", dst=f"10.96.0.{k % 6 + 1}") / TCP(sport=30000 + k, dport=80, flags="S"))
+        assert a.process(pkt, 5) == b.process(pkt, 5)
