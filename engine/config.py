@@ -103,6 +103,12 @@ class DNSConfig:
     upstream: list = field(default_factory=list)
     ttl: int = 5
     port: int = 53
+    # who may have names outside the cluster resolved (not an open resolver);
+    # cluster names are answered for everyone
+    allowed_sources: list = field(default_factory=lambda: [
+        "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16"])
+    rate_limit: int = 100       # queries per second per source (0: no limit)
+    rate_burst: int = 200
 
 
 @dataclass
@@ -277,7 +283,15 @@ def parse_engine(doc, where):
             raise ConfigError(where, "scheduler", f"unknown scheduler {_short(c.scheduler)} (one of {', '.join(SCHEDULERS)})")
     if "dns" in doc:
         d = _map(where, "dns", doc["dns"])
-        _check_keys(where, "dns", d, {"clusterIP", "domain", "upstream", "ttl", "port"})
+        _check_keys(where, "dns", d, {"clusterIP", "domain", "upstream", "ttl", "port", "allowedSources",
+                                      "rateLimit", "rateBurst"})
+        if "allowedSources" in d:
+            c.dns.allowed_sources = [_cidr(where, f"dns.allowedSources[{i}]", a)
+                                     for i, a in enumerate(_list(where, "dns.allowedSources", d["allowedSources"]))]
+        if "rateLimit" in d:
+            c.dns.rate_limit = _int(where, "dns.rateLimit", d["rateLimit"], 0, 1_000_000)
+        if "rateBurst" in d:
+            c.dns.rate_burst = _int(where, "dns.rateBurst", d["rateBurst"], 1, 1_000_000)
         if "clusterIP" in d:
             c.dns.cluster_ip = None if d["clusterIP"] in (None, "", "None") else _ipv4(where, "dns.clusterIP", d["clusterIP"])
         if "domain" in d:

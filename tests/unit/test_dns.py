@@ -808,8 +808,11 @@ def test_rate_limiter_table_is_bounded():
 def test_default_limits():
     assert (enginedns.RATE_LIMIT, enginedns.RATE_BURST) == (100.0, 200)
     srv = DNSServer(DNSConfig(), "127.0.0.1", port=0)
-    assert srv.allowed_sources is None and srv.allowed("203.0.113.9")     # default: everyone may recurse
+    # the engine's default: private ranges recurse, a public source does not
+    assert srv.allowed("192.168.50.2") and srv.allowed("10.244.1.2") and not srv.allowed("203.0.113.9")
     assert (srv.limiter.rate, srv.limiter.burst) == (100.0, 200.0)
+    srv = DNSServer(DNSConfig(allowed_sources=None), "127.0.0.1", port=0)
+    assert srv.allowed("203.0.113.9")                   # None: everyone may recurse
 
 
 def test_udp_over_the_rate_is_dropped_silently_and_counted(tmp_path):
