@@ -50,12 +50,20 @@ MAX_FAST_DEPTH = 1000
 _DEEP_BLOCK = re.compile(r"(?:[-?:][ \t]+){%d}" % MAX_FAST_DEPTH)
 
 
-def _yaml_docs(text):
-    """All documents of a YAML stream, as plain Python objects."""
+def _yaml_docs(text, name):
+    """All documents of a YAML stream, as plain Python objects; a
+    ConfigError naming `name` (and the line) when it is not YAML."""
     loader = StrictSafeLoader
     if CSafeLoader is not None and not _maybe_deep(text):
         loader = CSafeLoader
-    return [d for d in yaml.load_all(text, Loader=loader) if d is not None]
+    try:
+        return [d for d in yaml.load_all(text, Loader=loader) if d is not None]
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(name, "", f"invalid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    except RecursionError:
+        raise ConfigError(name, "", "invalid YAML: nested too deeply") from None
 
 
 def _maybe_deep(text):
@@ -556,16 +564,7 @@ def _read_docs(path):
         raise ConfigError(path, "", f"not UTF-8 text: {e}") from None
     except OSError as e:
         raise ConfigError(path, "", f"cannot read: {e.strerror}") from None
-    try:
-        docs = _yaml_docs(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(path, "", f"invalid YAML{at}: {problem}") from None
-    except RecursionError:
-        raise ConfigError(path, "", "invalid YAML: nested too deeply") from None
-    return [d for d in docs if d is not None]
+    return _yaml_docs(text, path)
 
 
 def _manifest_files(base_dir, entry, where):
@@ -608,14 +607,7 @@ def parse_text(text, name):
     apply/delete): a Config holding only them."""
     if len(text) > MAX_FILE_BYTES:
         raise ConfigError(name, "", f"{len(text)} bytes, larger than the {MAX_FILE_BYTES} allowed")
-    try:
-        docs = _yaml_docs(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(name, "", f"invalid YAML{at}: {getattr(e, 'problem', None) or e}") from None
-    except RecursionError:
-        raise ConfigError(name, "", "invalid YAML: nested too deeply") from None
+    docs = _yaml_docs(text, name)
     cfg = Config(engine=EngineConfig(), services=[], pods=[], slices=[])
     inner = []
     for doc in docs:
