@@ -42,10 +42,12 @@ class StrictSafeLoader(yaml.SafeLoader):
     construct_mapping = _construct_mapping
 
 
-CSafeLoader = None
 if hasattr(yaml, "CSafeLoader"):
     class CSafeLoader(yaml.CSafeLoader):
         construct_mapping = _construct_mapping
+else:
+    CSafeLoader = None
+
 MAX_FAST_DEPTH = 1000
 _DEEP_BLOCK = re.compile(r"(?:[-?:][ \t]+){%d}" % MAX_FAST_DEPTH)
 

@@ -75,7 +75,7 @@ def test_scale_3_5_2_while_clients_talk(lab, live):
     pods_file = d / "manifests" / "pods.yaml"
     all_pods = lab.pods[:5]
     probe = lab.popen(lab.client_ns, [sys.executable, "-c", PROBE, VIP, "9"], stdout=subprocess.PIPE, text=True)
-    # find the pod the UDP client talks to, then scale 3 -> 5
+    # scale 3 -> 5
     time.sleep(1.5)
     t_up = time.time()
     pods_file.write_text(lab.pod_manifests(pods=all_pods))
@@ -85,20 +85,12 @@ def test_scale_3_5_2_while_clients_talk(lab, live):
                                     "-w", "size=%{size_download}\n", f"http://{VIP}/bytes/120000000"],
                    stdout=subprocess.PIPE, text=True)
     time.sleep(0.5)
-    lines = []
-    # scale 5 -> 2, removing the pod the UDP client is on
-    out_so_far = []
-    udp_pod = None
-    t_down = time.time()
-    keep = None
-    # read what the probe said so far without blocking: it prints continuously
-    # (pick the UDP pod from the engine's conntrack instead)
+    # scale 5 -> 2, removing the pod the UDP client is on (found in the engine's conntrack)
     ct = eng.ctl("conntrack", "-p", "udp", "--sport", "47000").stdout
     m = re.search(r"src=(10\.244\.1\.\d+) dst=169\.254\.100\.1 sport=5353", ct)
     assert m, ct
     udp_ip = m.group(1)
     keep = [p for p in all_pods if p.ip != udp_ip][:2]
-    removed = [p for p in all_pods if p not in keep]
     t_down = time.time()
     pods_file.write_text(lab.pod_manifests(pods=keep))
     out, _ = probe.communicate(timeout=30)

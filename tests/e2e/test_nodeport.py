@@ -1,6 +1,5 @@
 """NodePort (and externalIPs) end to end: the seed's nodeport-exam.yaml as it is."""
 import collections
-import re
 
 import pytest
 
