@@ -190,10 +190,13 @@ class Lab:
 
         self._add_ns(self.node_ns)
         n = self.node_ns
-        _ip("-n", n, "link", "add", "lan0", "type", "bridge")
+        # fixed bridge MACs: a bridge otherwise takes the lowest MAC of its
+        # ports, and changes it as hosts and pods come and go, leaving stale
+        # ARP entries for the gateway in every neighbour (lost packets)
+        _ip("-n", n, "link", "add", "lan0", "address", "02:00:c0:a8:32:01", "type", "bridge")
         _ip("-n", n, "addr", "add", "%s/%d" % (NODE_IP, LAN_PREFIXLEN), "dev", "lan0")
         _ip("-n", n, "link", "set", "lan0", "up")
-        _ip("-n", n, "link", "add", "cbr0", "type", "bridge")
+        _ip("-n", n, "link", "add", "cbr0", "address", "02:00:0a:f4:01:01", "type", "bridge")
         _ip("-n", n, "addr", "add", "%s/%d" % (POD_GATEWAY, POD_PREFIXLEN), "dev", "cbr0")
         _ip("-n", n, "link", "set", "cbr0", "up")
         self._sysctl(n, "net.ipv4.ip_forward", "1")

@@ -8,12 +8,12 @@ NODE = "192.168.50.1"
 
 def test_sigterm_removes_tun_routes(lab):
     text = ENGINE + "tunName: kube-tun9\n---\n" + seed("service-exam.yaml") + "\n" + lab.pod_manifests()
-    eng = lab.start_engine(text)
-    links = lab.run(lab.node_ns, ["ip", "-o", "link", "show", "kube-tun9"])
-    assert links.returncode == 0
-    routes = lab.run(lab.node_ns, ["ip", "route"]).stdout
-    assert "kube-tun9" in routes
-    assert eng.stop() == 0
+    with lab.start_engine(text) as eng:        # stopped on the way out, also on failure
+        links = lab.run(lab.node_ns, ["ip", "-o", "link", "show", "kube-tun9"])
+        assert links.returncode == 0
+        routes = lab.run(lab.node_ns, ["ip", "route"]).stdout
+        assert "kube-tun9" in routes
+        assert eng.stop() == 0
     assert lab.run(lab.node_ns, ["ip", "-o", "link", "show", "kube-tun9"]).returncode != 0
     routes = lab.run(lab.node_ns, ["ip", "route"]).stdout
     assert "kube-tun9" not in routes and "10.96.0.0/12" not in routes and "169.254.100.1" not in routes
@@ -23,11 +23,11 @@ def test_sigterm_removes_tun_routes(lab):
 def test_rules_are_removed_on_exit(lab):
     text = "---\n".join([ENGINE + "tunName: kube-tun8\n", seed("nodeport-exam.yaml")]) + lab.pod_manifests()
     before = lab.run(lab.node_ns, ["ip", "rule"]).stdout
-    eng = lab.start_engine(text, healthz="127.0.0.1:10256")
-    during = lab.run(lab.node_ns, ["ip", "rule"]).stdout
-    assert re.search(r"to 192\.168\.50\.1 ipproto tcp dport 30000-32767 lookup 2004", during), during
-    assert lab.run(lab.client_ns, ["curl", "-s", "-m", "5", f"http://{NODE}:30200/"]).returncode == 0
-    assert eng.stop() == 0
+    with lab.start_engine(text, healthz="127.0.0.1:10256") as eng:
+        during = lab.run(lab.node_ns, ["ip", "rule"]).stdout
+        assert re.search(r"to 192\.168\.50\.1 ipproto tcp dport 30000-32767 lookup 2004", during), during
+        assert lab.run(lab.client_ns, ["curl", "-s", "-m", "5", f"http://{NODE}:30200/"]).returncode == 0
+        assert eng.stop() == 0
     after = lab.run(lab.node_ns, ["ip", "rule"]).stdout
     assert after == before
     assert "2004" not in lab.run(lab.node_ns, ["ip", "route", "show", "table", "all"]).stdout
@@ -39,21 +39,24 @@ def test_restart_keeps_a_long_transfer(lab):
     import subprocess
     text = "---\n".join([ENGINE + "tunName: kube-tun7\n", seed("service-exam.yaml")]) + lab.pod_manifests()
     eng = lab.start_engine(text)
+    eng2 = None
     size = 60_000_000
     dl = lab.popen(lab.client_ns, ["curl", "-s", "-o", "/dev/null", "--limit-rate", "10M", "-m", "60",
                                     "-w", "%{size_download} %{http_code}", f"http://10.96.100.100/bytes/{size}"],
                    stdout=subprocess.PIPE, text=True)
     import time
-    time.sleep(1.5)
-    flows_before = eng.ctl("conntrack", "-p", "tcp").stdout
-    assert "ESTABLISHED" in flows_before
-    eng2 = lab.restart_engine(eng)
     try:
+        time.sleep(1.5)
+        flows_before = eng.ctl("conntrack", "-p", "tcp").stdout
+        assert "ESTABLISHED" in flows_before
+        eng2 = lab.restart_engine(eng)
         assert "saved" in eng.log() and "took over" in eng2.log(), (eng.log(), eng2.log())
         out, _ = dl.communicate(timeout=90)
         assert out.split() == [str(size), "200"], out
     finally:
-        assert eng2.stop() == 0
+        eng.stop()
+        if eng2:
+            assert eng2.stop() == 0
 
 
 def test_start_after_sigkill_takes_over_leftovers(lab):
@@ -64,7 +67,7 @@ def test_start_after_sigkill_takes_over_leftovers(lab):
     before = lab.run(lab.node_ns, ["ip", "rule"]).stdout
     eng = lab.start_engine(text)
     eng.stop(sig=signal.SIGKILL)
-    eng2 = lab.restart_engine(eng)
-    assert lab.run(lab.client_ns, ["curl", "-s", "-m", "5", f"http://{NODE}:30200/"]).returncode == 0
-    assert eng2.stop() == 0
+    with lab.restart_engine(eng) as eng2:
+        assert lab.run(lab.client_ns, ["curl", "-s", "-m", "5", f"http://{NODE}:30200/"]).returncode == 0
+        assert eng2.stop() == 0
     assert lab.run(lab.node_ns, ["ip", "rule"]).stdout == before
