@@ -87,8 +87,8 @@ BACKEND_PORTS = frozenset((8080, 5353))
 CONFIGS = {
     # name: Dataplane keyword arguments
     "default": dict(max_flows=4096),
-    # a tiny table: eviction and table_full
-    "tight": dict(max_flows=32, port_range=(40000, 40031)),
+    # a tiny table: eviction and table_full; few ICMP errors a second
+    "tight": dict(max_flows=32, port_range=(40000, 40031), icmp_rate=2),   # and icmp_rate
     # four SNAT ports: nat_exhausted
     "ports": dict(max_flows=4096, port_range=(40000, 40003)),
 }

@@ -63,11 +63,12 @@ cdef enum:
     R_SPOOFED = 9
     R_SOURCE_DENIED = 10
     R_MARTIAN = 11              # would answer a source no error may go to (RFC 1122 3.2.2)
-    R_NREASONS = 12
+    R_ICMP_RATE = 12            # port unreachables over icmp_rate per second (as the kernel's icmp_ratelimit)
+    R_NREASONS = 13
 
 DROP_REASONS = ("none", "malformed", "unsupported", "fragment", "no_service",
                 "unallocated", "not_syn", "table_full", "nat_exhausted",
-                "spoofed", "source_denied", "martian")
+                "spoofed", "source_denied", "martian", "icmp_rate")
 
 # Counters
 cdef enum:
@@ -235,6 +236,7 @@ cdef class Dataplane:
     cdef uint32_t rng
     cdef uint64_t cnt[C_NCOUNTERS]
     cdef PyThread_type_lock lock    # conntrack: batch vs. control-plane calls
+    cdef uint32_t icmp_rate, icmp_tokens, icmp_second
     cdef uint64_t *svc_stats        # NSVC_STATS per stable service id
     cdef uint32_t max_services
     cdef aff_t *aff
@@ -260,7 +262,7 @@ cdef class Dataplane:
 
     def __init__(self, masquerade_ip, max_flows=262144, batch=64, seed=0x9E3779B9,
                  port_range=(1024, 65535), timeouts=None, Tables tables=None,
-                 max_services=65536, max_backends=1 << 20, affinity_size=65536):
+                 max_services=65536, max_backends=1 << 20, affinity_size=65536, icmp_rate=1000):
         cdef uint64_t asize = 16
         if max_flows < 1:
             raise ValueError("max_flows must be positive")
@@ -270,6 +272,9 @@ cdef class Dataplane:
             raise ValueError("max_services must be 1..2^24, max_backends 1..2^26")
         ct_init(&self.ct, max_flows, max_backends)
         self.max_services = max_services
+        self.icmp_rate = icmp_rate
+        self.icmp_tokens = icmp_rate
+        self.icmp_second = 0xffffffffU
         self.svc_stats = <uint64_t *>calloc(<size_t>max_services * NSVC_STATS, sizeof(uint64_t))
         while asize < affinity_size:
             asize <<= 1
@@ -420,7 +425,7 @@ cdef class Dataplane:
             if t.is_vip(k.daddr) or (t.nnode and t.is_node_addr(k.daddr)):
                 # a live VIP on a port it does not serve, or a node address
                 # on a node port nobody has: refused, as the kernel would
-                return self.reject(p, tot, outlen)
+                return self.reject(p, tot, now, outlen)
             if k.daddr == self.masq:
                 return self.drop(R_SPOOFED)
             if t.in_drop_cidrs(k.daddr):
@@ -431,7 +436,7 @@ cdef class Dataplane:
             return self.drop(R_SOURCE_DENIED)
         if sv.backend_count == 0:
             self.svc_stats[sv.id * NSVC_STATS + S_REJECTS] += 1
-            return self.reject(p, tot, outlen)
+            return self.reject(p, tot, now, outlen)
         if proto == PROTO_TCP and (th & (TH_SYN | TH_ACK | TH_RST | TH_FIN)) != TH_SYN:
             return self.drop(R_NOT_SYN)
 
@@ -645,10 +650,18 @@ cdef class Dataplane:
         self.cnt[C_DROP_BASE + reason] += 1
         return V_DROP | (reason << 8)
 
-    cdef inline int reject(self, uint8_t *p, Py_ssize_t tot, Py_ssize_t *outlen) noexcept nogil:
+    cdef inline int reject(self, uint8_t *p, Py_ssize_t tot, uint32_t now, Py_ssize_t *outlen) noexcept nogil:
         # no ICMP error to 0/8, loopback, multicast or broadcast sources
         if p[IP_SRC] == 0 or p[IP_SRC] == 127 or p[IP_SRC] >= 224:
             return self.drop(R_MARTIAN)
+        # at most icmp_rate errors a second: refused clients still see
+        # "connection refused" at once, but the engine is no reflector
+        if now != self.icmp_second:
+            self.icmp_second = now
+            self.icmp_tokens = self.icmp_rate
+        if self.icmp_tokens == 0:
+            return self.drop(R_ICMP_RATE)
+        self.icmp_tokens -= 1
         self.cnt[C_REJECTS] += 1
         outlen[0] = build_port_unreachable(p, tot)
         return V_REPLY

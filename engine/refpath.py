@@ -85,7 +85,7 @@ VERDICTS = ("drop", "forward", "reply")
 
 DROP_REASONS = ("none", "malformed", "unsupported", "fragment", "no_service",
                 "unallocated", "not_syn", "table_full", "nat_exhausted",
-                "spoofed", "source_denied", "martian")
+                "spoofed", "source_denied", "martian", "icmp_rate")
 
 COUNTERS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "flows_created",
             "flows_expired", "flows_evicted", "rejects", "write_errors", "drops")
@@ -615,7 +615,7 @@ class Dataplane:
 
     def __init__(self, masquerade_ip, max_flows=262144, batch=64, seed=0x9E3779B9,
                  port_range=(1024, 65535), timeouts=None, tables=None,
-                 max_services=65536, max_backends=1 << 20, affinity_size=65536):
+                 max_services=65536, max_backends=1 << 20, affinity_size=65536, icmp_rate=1000):
         if max_flows < 1:
             raise ValueError("max_flows must be positive")
         if not (1 <= port_range[0] <= port_range[1] <= 65535):
@@ -625,6 +625,8 @@ class Dataplane:
         self.ct = _Conntrack(_uint(max_flows, 32, "max_flows"),
                              _uint(max_backends, 32, "max_backends"))
         self.max_services = _uint(max_services, 32, "max_services")
+        self.icmp_rate = self.icmp_tokens = _uint(icmp_rate, 32, "icmp_rate")
+        self.icmp_second = U32
         self.svc_stats = {}                 # stable service id -> [5 counters]
         # sessionAffinity: ClientIP. Slot index -> [svc id + 1 (0: empty),
         # client (raw), backend addr, backend port, expires]; absent: empty.
@@ -677,10 +679,17 @@ class Dataplane:
         self.drops[DROP_REASONS.index(reason)] += 1
         return ("drop", reason, None)
 
-    def _reject(self, p, tot):
+    def _reject(self, p, tot, now):
         # no ICMP error to 0/8, loopback, multicast or broadcast sources
         if p[IP_SRC] == 0 or p[IP_SRC] == 127 or p[IP_SRC] >= 224:
             return self._drop("martian")
+        # at most icmp_rate errors a second (tokens refilled each new second)
+        if now != self.icmp_second:
+            self.icmp_second = now
+            self.icmp_tokens = self.icmp_rate
+        if self.icmp_tokens == 0:
+            return self._drop("icmp_rate")
+        self.icmp_tokens -= 1
         self.cnt["rejects"] += 1
         return ("reply", "none", build_port_unreachable(p, tot))
 
@@ -779,7 +788,7 @@ class Dataplane:
             sv = t.lookup(0, dport, proto)
         if sv is None:
             if t.is_vip(daddr) or t.is_node_addr(daddr):
-                return self._reject(p, tot)     # live VIP / node address, port not served
+                return self._reject(p, tot, now)     # live VIP / node address, port not served
             if daddr == self.masq:
                 return self._drop("spoofed")
             if t.in_drop_cidrs(daddr):
@@ -790,7 +799,7 @@ class Dataplane:
             return self._drop("source_denied")
         if not sv.backends:
             self._stat(sv.id, S_REJECTS)
-            return self._reject(p, tot)
+            return self._reject(p, tot, now)
         if proto == PROTO_TCP and th & (TH_SYN | TH_ACK | TH_RST | TH_FIN) != TH_SYN:
             return self._drop("not_syn")
 

@@ -733,7 +733,7 @@ FIXTURES = [
             dp.counters()["drops_by_reason"] == {
                 "malformed": 1, "unsupported": 0, "fragment": 1, "no_service": 2,
                 "unallocated": 0, "not_syn": 1, "table_full": 0, "nat_exhausted": 0,
-                "spoofed": 0, "source_denied": 0, "martian": 0}
+                "spoofed": 0, "source_denied": 0, "martian": 0, "icmp_rate": 0}
             and {k: dp.counters()[k] for k in ("rx_packets", "drops", "rejects", "flows_created",
                                                 "flows", "tx_packets")}
             == {"rx_packets": 7, "drops": 5, "rejects": 1, "flows_created": 1, "flows": 1,

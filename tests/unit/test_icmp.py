@@ -155,3 +155,17 @@ def _exchange(mod):
 
 def test_same_bytes():
     assert _exchange(_fastpath) == _exchange(refpath)
+
+
+@pytest.mark.parametrize("modname", ["_fastpath", "refpath"])
+def test_port_unreachables_are_rate_limited(modname):
+    """At most icmp_rate errors a second: the engine is no reflector."""
+    import importlib
+    mod = importlib.import_module(f"engine.{modname}")
+    t = mod.Tables([dict(name="e", vip=ip(VIP), port=80, proto=6, backends=[])], vips=[ip(VIP)])
+    dp = mod.Dataplane(ip(MASQ), tables=t, icmp_rate=5)
+    verdicts = [dp.process(raw(IP(src=CLIENT, dst=VIP) / TCP(sport=50000 + k, dport=80, flags="S")), 7)[:2]
+                for k in range(8)]
+    assert verdicts == [("reply", "none")] * 5 + [("drop", "icmp_rate")] * 3
+    assert dp.process(raw(IP(src=CLIENT, dst=VIP) / TCP(sport=50009, dport=80, flags="S")), 8)[0] == "reply"
+    assert dp.counters()["drops_by_reason"]["icmp_rate"] == 3
