@@ -823,12 +823,7 @@ class DNSServer:
                 except Exception:
                     q = None       # handle() answers FORMERR
             if q is None or self.zone.is_local(q):
-                out = self.handle(wire, addr[0], tcp=False, query=q, admitted=True)
-                if out is not None:
-                    try:
-                        sock.sendto(out, addr)
-                    except OSError as e:
-                        log.debug("udp reply to %s: %s", addr, e)
+                self._answer_udp(sock, wire, addr, q)      # in-zone: answered on this thread
                 continue
             with self._lock:
                 if self._pending >= UDP_MAX_PENDING:
@@ -840,14 +835,17 @@ class DNSServer:
             except RuntimeError:          # pool shut down
                 return
 
+    def _answer_udp(self, sock, wire, addr, q):
+        out = self.handle(wire, addr[0], tcp=False, query=q, admitted=True)
+        if out is not None:
+            try:
+                sock.sendto(out, addr)
+            except OSError as e:
+                log.debug("udp reply to %s: %s", addr, e)
+
     def _udp_one(self, sock, wire, addr, q):
         try:
-            out = self.handle(wire, addr[0], tcp=False, query=q, admitted=True)
-            if out is not None:
-                try:
-                    sock.sendto(out, addr)
-                except OSError as e:
-                    log.debug("udp reply to %s: %s", addr, e)
+            self._answer_udp(sock, wire, addr, q)
         finally:
             with self._lock:
                 self._pending -= 1
