@@ -33,7 +33,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (TH_SYN, client_addr, fmt_ratio, ip_int, ip_str, log,  # noqa: E402
+from _common import (TH_SYN, time_batches, client_addr, fmt_ratio, ip_int, ip_str, log,  # noqa: E402
                      machine_line, median, parser, ratio, runs_of, table, tcp_packet, write_json)
 
 from engine import _fastpath, compiler, servicemap  # noqa: E402
@@ -359,13 +359,7 @@ def first_packet(n, runs, flows, rng):
         for label, bs in sets.items():
             c0 = dp.counters()
             gc.collect()
-            gc.disable()
-            pb = dp.process_batch
-            t0 = time.perf_counter()
-            for ch in bs:
-                pb(ch, NOW)
-            dt = time.perf_counter() - t0
-            gc.enable()
+            dt = time_batches(dp, bs, NOW)
             c = dp.counters()
             if c["flows_created"] - c0["flows_created"] != flows or c["drops"] != c0["drops"] \
                     or c["rejects"] != c0["rejects"]:

@@ -29,7 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (TH_ACK, TH_SYN, TcpFactory, client_addr, fmt, fmt_ratio, ip_int,  # noqa: E402
                      log, machine_line, median, parser, ratio, rss_bytes, runs_of, table,
-                     tcp_packet, write_json)
+                     tcp_packet, time_batches, write_json)
 
 from engine import _fastpath, refpath  # noqa: E402
 
@@ -142,15 +142,7 @@ def new_flows_per_s(mod, b, n, first):
     dp.expire(NOW + 1e7)
     c0 = dp.counters()
     gc.collect()
-    gc.disable()
-    try:
-        pb = dp.process_batch
-        t0 = time.perf_counter()
-        for ch in batches:
-            pb(ch, NOW)
-        dt = time.perf_counter() - t0
-    finally:
-        gc.enable()
+    dt = time_batches(dp, batches, NOW)
     c = dp.counters()
     if c["flows_created"] - c0["flows_created"] != n or c["drops"] or c["rejects"]:
         raise RuntimeError(f"{mod.__name__}: created {c['flows_created'] - c0['flows_created']} of {n}; {c}")
@@ -183,13 +175,7 @@ def lookup_cost(n, min_packets, runs):
     for _ in range(runs):
         for name, bs in (("gross", batches), ("harness", bogus_batches)):
             d0 = drops(dp)
-            gc.disable()
-            pb = dp.process_batch
-            t0 = time.perf_counter()
-            for ch in bs:
-                pb(ch, NOW)
-            dt = time.perf_counter() - t0
-            gc.enable()
+            dt = time_batches(dp, bs, NOW)
             if name == "gross":
                 if drops(dp) != d0:
                     raise RuntimeError("established packets dropped: %r" % dp.counters())
