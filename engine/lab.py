@@ -289,6 +289,11 @@ class Lab:
         _ip("-n", pod.ns, "addr", "add", "%s/%d" % (ip, POD_PREFIXLEN), "dev", "eth0")
         _ip("-n", pod.ns, "link", "set", "eth0", "up")
         _ip("-n", pod.ns, "route", "add", "default", "via", POD_GATEWAY)
+        # the pod servers close first, so they hold TIME_WAIT; a later flow
+        # whose masqueraded tuple lands on one gets its SYN answered with a
+        # stale ACK and retries a second later. Real nodes see this too
+        # (kube-proxy's random-fully SNAT); tests want no 1 s retries.
+        self._sysctl(pod.ns, "net.ipv4.tcp_max_tw_buckets", "0")
         self.pods.append(pod)
 
         if server:
