@@ -289,11 +289,6 @@ class Lab:
         _ip("-n", pod.ns, "addr", "add", "%s/%d" % (ip, POD_PREFIXLEN), "dev", "eth0")
         _ip("-n", pod.ns, "link", "set", "eth0", "up")
         _ip("-n", pod.ns, "route", "add", "default", "via", POD_GATEWAY)
-        # the pod servers close first, so they hold TIME_WAIT; a later flow
-        # whose masqueraded tuple lands on one gets its SYN answered with a
-        # stale ACK and retries a second later. Real nodes see this too
-        # (kube-proxy's random-fully SNAT); tests want no 1 s retries.
-        self._sysctl(pod.ns, "net.ipv4.tcp_max_tw_buckets", "0")
         self.pods.append(pod)
 
         if server:
@@ -417,10 +412,26 @@ status: {{podIP: {p.ip}, conditions: [{{type: Ready, status: "True"}}]}}
         """Write config_text to a file and run `engine run` on it in the node
         namespace; returns once /healthz answers 200."""
         self._need_up()
+        self.forget_pod_connections()
         path = os.path.join(self._logdir, "engine-%d.yaml" % len(self._procs))
         with open(path, "w") as f:
             f.write(config_text)
         return EngineProc(self, path, healthz, timeout, args)
+
+    def forget_pod_connections(self):
+        """Drop every pod's TCP sockets but its listeners. A fresh engine
+        starts with an empty flow table and picks masquerade ports anew; the
+        pods still hold sockets of the last engine's flows (a flood's
+        SYN-RECV, TIME_WAIT, downloads cut off when it stopped). A new flow
+        whose masqueraded tuple lands on one has its SYN answered out of
+        step, is reset, and retries a second later (a node behind
+        kube-proxy with random-fully SNAT sees the same), which would blur
+        what the tests measure. An engine restarted on its own snapshot
+        (restart_engine) keeps them: those flows are handed over."""
+        for pod in self.pods:
+            r = self.run(pod.ns, ["ss", "-K", "-tn", "exclude", "listening"])
+            if r.returncode != 0:
+                raise LabError("ss -K in %s: %s" % (pod.ns, r.stderr.strip()))
 
     def restart_engine(self, eng, timeout=15.0):
         """SIGTERM eng, then start a new engine on the same configuration

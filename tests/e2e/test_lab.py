@@ -55,6 +55,16 @@ def test_streamed_bytes(lab):
     assert int(out) == n
 
 
+def test_forget_pod_connections_keeps_listeners(lab):
+    # a pod that closed first holds TIME_WAIT; a fresh engine's lab clears it
+    curl(lab, lab.client_ns, "http://10.244.1.2/")
+    states = lambda: lab.run(lab.pods[0].ns, ["ss", "-Htan"]).stdout.split("\n")
+    assert any(l.startswith("TIME-WAIT") for l in states())
+    lab.forget_pod_connections()
+    assert [l.split()[0] for l in states() if l.strip()] == ["LISTEN"]
+    assert curl(lab, lab.client_ns, "http://10.244.1.2/") == "deploy-nginx-1\n"
+
+
 def test_scale_pod_up_and_down(lab):
     pod = lab.add_pod()
     try:
