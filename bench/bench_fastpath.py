@@ -171,17 +171,21 @@ def lookup_cost(n, min_packets, runs):
     bogus[0] = 0x65                     # IPv6 nibble: dropped as unsupported after 1 check
     bogus_batches = [[bytes(bogus)] * len(ch) for ch in batches]
     hot = pkts[:64]
-    gross, harness, hots = [], [], []
+    gross, plain, harness, hots = [], [], [], []
     for _ in range(runs):
-        for name, bs in (("gross", batches), ("harness", bogus_batches)):
+        # the same packets with the batch-staged prefetch on and off, alternating
+        for name, bs, pf in (("gross", batches, True), ("plain", batches, False),
+                             ("harness", bogus_batches, True)):
+            dp.batch_prefetch = pf
             d0 = drops(dp)
             dt = time_batches(dp, bs, NOW)
-            if name == "gross":
+            if name != "harness":
                 if drops(dp) != d0:
                     raise RuntimeError("established packets dropped: %r" % dp.counters())
-                gross.append(dt / npk * 1e9)
+                (gross if pf else plain).append(dt / npk * 1e9)
             else:
                 harness.append(dt / npk * 1e9)
+        dp.batch_prefetch = True
         reps_hot = max(1, 2_000_000 // 64)
         t0 = time.perf_counter()
         dp.process_batch(hot, NOW, reps_hot)
@@ -190,7 +194,8 @@ def lookup_cost(n, min_packets, runs):
     del dp, batches, bogus_batches, pkts
     gc.collect()
     return {"flows": n, "fill_s": fill_s, "gross_ns": g, "harness_ns": h,
-            "net_ns": g - h, "hot_ns": median(hots), "packets": npk}
+            "net_ns": g - h, "net_no_prefetch_ns": median(plain) - h,
+            "hot_ns": median(hots), "packets": npk}
 
 
 # --- 4. memory per flow (in a fresh interpreter) ----------------------------------------
@@ -282,10 +287,11 @@ def main():
     rows = []
     for d in res["lookup"]:
         rows.append([f"{d['flows']:,}", d["gross_ns"], d["harness_ns"], d["net_ns"],
-                     fmt_ratio(ratio(d["net_ns"], base)), d["hot_ns"], d["fill_s"]])
+                     fmt_ratio(ratio(d["net_ns"], base)), d["net_no_prefetch_ns"],
+                     fmt_ratio(ratio(d["net_no_prefetch_ns"], d["net_ns"])), d["hot_ns"], d["fill_s"]])
     out.append(table("Conntrack cost per established packet, random over all flows (Cython, batch 64)",
                      ["flows", "gross ns/pkt", "harness ns/pkt", "net ns/pkt", "net vs 1e3",
-                      "hot ns/pkt (64 flows)", "fill s"], rows))
+                      "net, no prefetch", "no prefetch / prefetch", "hot ns/pkt (64 flows)", "fill s"], rows))
     out.append("")
     m = res["memory"]
     rows = [["flows in the table", f"{m['flows']:,}"],

@@ -14,6 +14,7 @@ cdef class IOWorker:
     cdef uint8_t *bufs
     cdef Py_ssize_t *lens
     cdef uint8_t *verdicts
+    cdef uint64_t *hashes       # per packet of a batch: its flow hash, for prefetching
     cdef int batch
     cdef int hdr                # VNET_HDR_LEN when the TUN has IFF_VNET_HDR, else 0
     cdef uint64_t tx[3]         # packets, bytes, write errors (per worker: no lock)
@@ -22,6 +23,7 @@ cdef class IOWorker:
         self.bufs = NULL
         self.lens = NULL
         self.verdicts = NULL
+        self.hashes = NULL
 
     def __init__(self, Dataplane dp not None, bint vnet=False, int batch=0):
         self.dp = dp
@@ -30,7 +32,8 @@ cdef class IOWorker:
         self.bufs = <uint8_t *>malloc(<size_t>self.batch * IO_SLOT)
         self.lens = <Py_ssize_t *>calloc(self.batch, sizeof(Py_ssize_t))
         self.verdicts = <uint8_t *>calloc(self.batch, 1)
-        if not self.bufs or not self.lens or not self.verdicts:
+        self.hashes = <uint64_t *>calloc(self.batch, sizeof(uint64_t))
+        if not self.bufs or not self.lens or not self.verdicts or not self.hashes:
             raise MemoryError()
         self.tx[0] = self.tx[1] = self.tx[2] = 0
         dp._workers.append(self)
@@ -39,6 +42,7 @@ cdef class IOWorker:
         free(self.bufs)
         free(self.lens)
         free(self.verdicts)
+        free(self.hashes)
 
     def run(self, int fd, int timeout_ms=100):
         """Wait for fd, then batches: read up to `batch` packets, process
@@ -76,12 +80,18 @@ cdef class IOWorker:
                     break
                 clock_gettime(CLOCK_MONOTONIC, &ts)
                 now = <uint32_t>ts.tv_sec
+                if dp.batch_prefetch:
+                    ct_prefetch_slots(&dp.ct, self.bufs, IO_SLOT, self.lens, n, hdr, self.hashes)
+                else:
+                    memset(self.hashes, 0, n * sizeof(uint64_t))
                 PyThread_acquire_lock(dp.lock, WAIT_LOCK)
+                if dp.batch_prefetch:
+                    ct_prefetch_entries(&dp.ct, self.hashes, n)
                 for i in range(n):
                     slot = self.bufs + <size_t>i * IO_SLOT
                     partial = hdr != 0 and (slot[0] & VNET_F_NEEDS_CSUM) != 0
                     outlen = 0
-                    v = dp.process_one(t, slot + hdr, self.lens[i] - hdr, now, &outlen, partial) & 0xff
+                    v = dp.process_one(t, slot + hdr, self.lens[i] - hdr, now, &outlen, partial, self.hashes[i]) & 0xff
                     if v == V_REPLY and hdr:
                         memset(slot, 0, hdr)     # our own packet: no offload asked
                     self.verdicts[i] = v

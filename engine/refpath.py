@@ -613,6 +613,8 @@ def xorshift32(x):
 class Dataplane:
     """Conntrack + NAT over compiled Tables."""
 
+    batch_prefetch = True       # a cache hint of the C path: no effect here
+
     def __init__(self, masquerade_ip, max_flows=262144, batch=64, seed=0x9E3779B9,
                  port_range=(1024, 65535), timeouts=None, tables=None,
                  max_services=65536, max_backends=1 << 20, affinity_size=65536, icmp_rate=1000):

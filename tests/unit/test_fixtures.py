@@ -241,6 +241,33 @@ def test_random_traffic_same_bytes(seed):
     assert all(c["drops_by_reason"][k] for k in ("malformed", "not_syn", "spoofed", "no_service"))
 
 
+@pytest.mark.parametrize("seed", [4, 5])
+def test_random_traffic_in_batches(seed):
+    """process_batch hashes a batch ahead (the prefetch stage) and hands each
+    hash to the lookup: it must decide as packet-at-a-time does, with flows
+    opened and closed inside one batch, malformed packets among them, and
+    the stage on or off."""
+    r = random.Random(seed)
+    dps = [dataplane(m, max_flows=64, port_range=(40000, 40030), seed=seed, batch=32)
+           for m in (_fastpath, _fastpath, refpath)]
+    dps[1].batch_prefetch = False
+    now = T0
+    for i in range(300):
+        now += r.choice([0] * 10 + [1, 7, 65])
+        pkts = []
+        for _ in range(r.randint(1, 32)):
+            raw = _random_packet(r, dps[2].flows(now))
+            if r.random() < 0.05:
+                raw = raw[:r.randint(0, len(raw))]
+            pkts.append(raw)
+        fwd = [dp.process_batch(pkts, now) for dp in dps]
+        assert fwd[0] == fwd[1] == fwd[2], i
+        assert dps[0].flows(now) == dps[1].flows(now) == dps[2].flows(now), i
+    c = dps[0].counters()
+    assert c == dps[1].counters() == dps[2].counters()
+    assert c["flows_created"] > 50 and c["drops_by_reason"]["not_syn"], c
+
+
 def varied_tables(seed):
     """The default topology with a scheduler (random, rr, lc, sh, mh), session
     affinity on some service ports, and stable ids that are not indexes."""
