@@ -65,7 +65,7 @@ import dns.rdtypes.ANY.TXT
 import dns.rdtypes.IN.A
 import dns.rdtypes.IN.SRV
 
-from .servicemap import ServiceMap
+from .servicemap import ServiceMap, usable as usable_endpoints
 
 log = logging.getLogger("engine.dns")
 
@@ -315,9 +315,10 @@ class ClusterZone:
         ep_names = {}                 # ip -> the name SRV and PTR use
         host_ips = set()
         all_srv = []
-        for pi in info.ports:
+        groups = [(pi.port, pi.usable) for pi in info.ports] or [(None, usable_endpoints(info.addresses))]
+        for port, eps in groups:
             port_srv = []
-            for e in pi.usable:
+            for e in eps:
                 label = e.hostname.lower() if e.hostname and HOSTNAME.match(e.hostname.lower()) else None
                 dashed = f"{_dashed(e.ip)}.{name}"
                 target = f"{label}.{name}" if label else dashed
@@ -329,10 +330,10 @@ class ClusterZone:
                 if label and (target, e.ip) not in host_ips:
                     host_ips.add((target, e.ip))
                     self._add(target, A, e.ip)
-                if (target, e.port) not in port_srv:
+                if port is not None and (target, e.port) not in port_srv:
                     port_srv.append((target, e.port))
-            if pi.port.name and port_srv:
-                pname = f"_{pi.port.name}._{pi.port.protocol}.{name}".lower()
+            if port is not None and port.name and port_srv:
+                pname = f"_{port.name}._{port.protocol}.{name}".lower()
                 w = max(1, 100 // len(port_srv))
                 for target, port in port_srv:
                     self._add(pname, SRV, (0, w, port, target))

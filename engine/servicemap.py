@@ -24,10 +24,14 @@ class PortInfo:
 
     @property
     def usable(self):
-        """Endpoints that take new flows: ready ones, else serving-terminating
-        ones (kube-proxy's fallback since KEP-1669)."""
-        ready = [e for e in self.endpoints if e.ready]
-        return ready or [e for e in self.endpoints if e.serving and e.terminating]
+        return usable(self.endpoints)
+
+
+def usable(endpoints):
+    """Endpoints that take new flows: ready ones, else serving-terminating
+    ones (kube-proxy's fallback since KEP-1669)."""
+    ready = [e for e in endpoints if e.ready]
+    return ready or [e for e in endpoints if e.serving and e.terminating]
 
 
 @dataclass
@@ -37,6 +41,9 @@ class ServiceInfo:
     ports: list                        # [PortInfo]
     ingress_ip: Optional[str] = None   # LoadBalancer ingress; None: pending
     warnings: list = field(default_factory=list)
+    # a headless service without ports still has endpoints, by address
+    # alone (port 0): cluster DNS answers one A record per ready one
+    addresses: list = field(default_factory=list)
 
     @property
     def key(self):
@@ -146,6 +153,7 @@ def build(cfg, previous=None):
                 pi.endpoints = _selector_endpoints(s, pi.port, pods.select(s.namespace, s.selector))
             else:
                 pi.endpoints = _slice_endpoints(pi.port, slices_by_svc.get((s.namespace, s.name), []))
+        _portless(info, pods, slices_by_svc.get((s.namespace, s.name), []))
         if s.type != "ExternalName" and s.selector is not None and not pods.select(s.namespace, s.selector):
             info.warnings.append(f"selector {_fmt_sel(s.selector)} matches no pod")
         warnings.extend(f"{s.source}: {w}" for w in info.warnings)
@@ -221,6 +229,7 @@ def update_endpoints(smap, pods=(), slices=()):
                 pi.endpoints = _selector_endpoints(s, pi.port, index.select(s.namespace, s.selector))
             else:
                 pi.endpoints = _slice_endpoints(pi.port, sl)
+        _portless(info, index, sl)
         if s.type != "ExternalName" and s.selector is not None and not index.select(s.namespace, s.selector):
             info.warnings.append(f"selector {_fmt_sel(s.selector)} matches no pod")
         services[key] = info
@@ -368,6 +377,24 @@ def _selector_endpoints(svc, sp, pods):
         out.append(Endpoint(ip=p.ip, port=port, ready=ready, serving=p.ready or svc.publish_not_ready,
                             terminating=p.terminating, pod=p.name, hostname=p.hostname))
     return out
+
+
+def _portless(info, pods, slices):
+    """info.addresses of a headless service without ports: its selected pods,
+    or the endpoints of its slices that list no ports (as the endpoints
+    controller writes them for such a service)."""
+    s = info.svc
+    if info.cluster_ip != "None" or info.ports:
+        return
+    if s.selector is not None:
+        info.addresses = [Endpoint(ip=p.ip, port=0, ready=(p.ready or s.publish_not_ready) and not p.terminating,
+                                   serving=p.ready or s.publish_not_ready, terminating=p.terminating,
+                                   pod=p.name, hostname=p.hostname)
+                          for p in pods.select(s.namespace, s.selector) if p.ip]
+    else:
+        seen = set()
+        info.addresses = [e for sl in slices if not sl.ports for e in sl.endpoints
+                          if e.ip not in seen and not seen.add(e.ip)]
 
 
 def _slice_endpoints(sp, slices):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ipaddress
 
 from .compiler import SCHEDULER_ANNOTATION
+from .servicemap import usable as usable_endpoints
 
 PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp"}
 
@@ -41,7 +42,7 @@ def _ready_eps(info):
     eps = []
     for p in info.ports:
         eps += [f"{e.ip}:{e.port}" for e in p.usable if f"{e.ip}:{e.port}" not in eps]
-    return eps
+    return eps or [e.ip for e in usable_endpoints(info.addresses)]     # headless, no ports
 
 
 def endpoints(smap):

@@ -17,7 +17,7 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from engine import config, servicemap
+from engine import config, servicemap, views
 from engine.config import DNSConfig
 from engine import dns as enginedns
 from engine.dns import ClusterZone, DNSServer, RateLimiter, to_wire_limited, udp_limit
@@ -344,6 +344,53 @@ endpoints:
     assert rdatas(r, "SRV") == ["0 50 9093 kafka-0.kafka.data.svc.cluster.local.",
                                 "0 50 9093 kafka-1.kafka.data.svc.cluster.local."]
     assert rdatas(ask(z, "2.3.244.10.in-addr.arpa", "PTR"), "PTR") == ["kafka-1.kafka.data.svc.cluster.local."]
+
+
+def test_headless_without_ports_answers_its_addresses(tmp_path):
+    """A headless service may have no ports (a StatefulSet's governing
+    service often has none): its endpoints still get A records and names,
+    from pods, EndpointSlices without ports and legacy Endpoints alike; no SRV."""
+    cfg = load(tmp_path, """kind: Service
+metadata: {name: gov}
+spec: {clusterIP: None, selector: {app: gov}}
+---
+kind: Service
+metadata: {name: sl}
+spec: {clusterIP: None}
+---
+kind: EndpointSlice
+metadata: {name: sl-1, labels: {kubernetes.io/service-name: sl}}
+addressType: IPv4
+endpoints:
+- {addresses: [10.244.5.1], hostname: a}
+- {addresses: [10.244.5.2], conditions: {ready: false}}
+---
+kind: Service
+metadata: {name: legacy}
+spec: {clusterIP: None}
+---
+kind: Endpoints
+metadata: {name: legacy}
+subsets: [{addresses: [{ip: 10.244.6.1}]}]
+""" + pod("gov-0", "10.244.4.1", "app: gov", hostname="gov-0")
+        + pod("gov-1", "10.244.4.2", "app: gov", ready=False))
+    smap = servicemap.build(cfg)
+    z = ClusterZone(smap, cfg.engine.dns)
+    assert rdatas(ask(z, "gov.default.svc.cluster.local")) == ["10.244.4.1"]
+    assert rdatas(ask(z, "gov-0.gov.default.svc.cluster.local")) == ["10.244.4.1"]
+    assert rdatas(ask(z, "10-244-4-1.gov.default.svc.cluster.local")) == ["10.244.4.1"]
+    assert is_nodata(ask(z, "gov.default.svc.cluster.local", "SRV"))
+    assert rdatas(ask(z, "1.4.244.10.in-addr.arpa", "PTR"), "PTR") == ["gov-0.gov.default.svc.cluster.local."]
+    assert rdatas(ask(z, "sl.default.svc.cluster.local")) == ["10.244.5.1"]
+    assert rdatas(ask(z, "a.sl.default.svc.cluster.local")) == ["10.244.5.1"]
+    assert rdatas(ask(z, "legacy.default.svc.cluster.local")) == ["10.244.6.1"]
+    assert "10.244.4.1" in views.endpoints(smap) and "10.244.4.2" not in views.endpoints(smap)
+    # the incremental path keeps them too: gov-1 turns ready
+    smap2, affected = servicemap.update_endpoints(
+        smap, pods=[(("default", "gov-1"), config.parse_text(pod("gov-1", "10.244.4.2", "app: gov"), "x").pods[0])])
+    assert affected == {"default/gov"}
+    z2 = ClusterZone(smap2, cfg.engine.dns)
+    assert rdatas(ask(z2, "gov.default.svc.cluster.local")) == ["10.244.4.1", "10.244.4.2"]
 
 
 # -- PTR -----------------------------------------------------------------------
