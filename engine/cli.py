@@ -29,7 +29,7 @@ def cmd_check(args):
         print(f"note: {n}", file=sys.stderr)
     for w in smap.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    print(views.services(smap))
+    print(views.services(smap, cfg.engine.dns))
     print()
     print(views.endpoints(smap))
     return 0

@@ -136,7 +136,7 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
         if cmd == "get":
             what = req.get("what")
             if what in ("svc", "service", "services"):
-                return views.services(eng.smap)
+                return views.services(eng.smap, eng.cfg.engine.dns)
             if what in ("endpoints", "ep"):
                 return views.endpoints(eng.smap)
             raise ValueError(f"unknown resource {what!r} (svc, endpoints)")

@@ -65,7 +65,7 @@ import dns.rdtypes.ANY.TXT
 import dns.rdtypes.IN.A
 import dns.rdtypes.IN.SRV
 
-from .servicemap import ServiceMap, usable as usable_endpoints
+from .servicemap import DNS_SERVICE_KEY, ServiceMap, dns_service_info, usable as usable_endpoints
 
 log = logging.getLogger("engine.dns")
 
@@ -263,6 +263,8 @@ class ClusterZone:
             self._exist("pod." + d)
         for info in smap.services.values():
             self._add_service(info)
+        if DNS_SERVICE_KEY not in smap.services and cfg.cluster_ip:
+            self._add_service(dns_service_info(cfg))     # kube-dns.kube-system, as in any cluster
 
     # -- building ----------------------------------------------------------
 

@@ -85,6 +85,23 @@ class ServiceMap:
         return out
 
 
+DNS_SERVICE_KEY = "kube-system/kube-dns"
+
+
+def dns_service_info(dns_cfg):
+    """The engine's own cluster DNS as Kubernetes shows it: the Service
+    kube-system/kube-dns on dns.clusterIP, ports dns (UDP) and dns-tcp.
+    Shown and resolvable, never compiled: the address is the node's own."""
+    if not dns_cfg.cluster_ip:
+        return None
+    ports = [ServicePort(name="dns", protocol="UDP", port=dns_cfg.port, target_port=dns_cfg.port, node_port=None),
+             ServicePort(name="dns-tcp", protocol="TCP", port=dns_cfg.port, target_port=dns_cfg.port, node_port=None)]
+    svc = Service(namespace="kube-system", name="kube-dns", type="ClusterIP", cluster_ip=dns_cfg.cluster_ip,
+                  selector=None, ports=ports)
+    return ServiceInfo(svc=svc, cluster_ip=dns_cfg.cluster_ip,
+                       ports=[PortInfo(port=p, node_port=None, endpoints=[]) for p in ports])
+
+
 def _hash(s):
     return int.from_bytes(hashlib.sha256(s.encode()).digest()[:8], "big")
 
@@ -112,7 +129,10 @@ def build(cfg, previous=None):
                 raise ConfigError(s.source, "spec.clusterIP", f"{ip} is not in serviceCIDR {cidr}")
             if ip in (cidr.network_address, cidr.broadcast_address):
                 raise ConfigError(s.source, "spec.clusterIP", f"{ip} is the network or broadcast address of {cidr}")
-            if str(ip) in used_ips:
+            # kube-dns itself (as `kubectl get svc -A -o yaml` dumps it) may
+            # describe the engine's DNS address; any other service may not
+            own_dns = s.key == DNS_SERVICE_KEY and str(ip) == eng.dns.cluster_ip
+            if str(ip) in used_ips and not own_dns:
                 raise ConfigError(s.source, "spec.clusterIP", f"{ip} is already allocated to {used_ips[str(ip)]}")
             used_ips[str(ip)] = f"service {s.key}"
             info.cluster_ip = str(ip)

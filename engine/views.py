@@ -4,7 +4,7 @@ from __future__ import annotations
 import ipaddress
 
 from .compiler import SCHEDULER_ANNOTATION
-from .servicemap import usable as usable_endpoints
+from .servicemap import dns_service_info, usable as usable_endpoints
 
 PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp"}
 
@@ -28,10 +28,15 @@ def _external(info):
     return ",".join(exts) or "<none>"
 
 
-def services(smap):
-    """One line per service, as `kubectl get svc -A` prints them."""
+def services(smap, dns_cfg=None):
+    """One line per service, as `kubectl get svc -A` prints them; with
+    dns_cfg, the engine's own DNS as kube-system/kube-dns among them."""
     rows = [("NAMESPACE", "NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)")]
-    for info in smap.services.values():
+    infos = dict(smap.services)
+    own = dns_service_info(dns_cfg) if dns_cfg is not None else None
+    if own is not None and own.key not in infos:
+        infos[own.key] = own
+    for _, info in sorted(infos.items()):
         s = info.svc
         cip = "<none>" if s.type == "ExternalName" else info.cluster_ip
         rows.append((s.namespace, s.name, s.type, cip, _external(info), _ports(info)))

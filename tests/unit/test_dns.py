@@ -393,6 +393,35 @@ subsets: [{addresses: [{ip: 10.244.6.1}]}]
     assert rdatas(ask(z2, "gov.default.svc.cluster.local")) == ["10.244.4.1", "10.244.4.2"]
 
 
+def test_kube_dns_is_a_service_of_the_cluster(zone):
+    """kube-dns.kube-system resolves to the DNS address, as in any cluster."""
+    assert rdatas(ask(zone, "kube-dns.kube-system.svc.cluster.local")) == ["10.96.0.10"]
+    assert rdatas(ask(zone, "_dns._udp.kube-dns.kube-system.svc.cluster.local", "SRV"), "SRV") == \
+        ["0 100 53 kube-dns.kube-system.svc.cluster.local."]
+    assert rdatas(ask(zone, "10.0.96.10.in-addr.arpa", "PTR"), "PTR") == ["kube-dns.kube-system.svc.cluster.local."]
+
+
+def test_kube_dns_from_a_cluster_dump_is_accepted(tmp_path):
+    """`kubectl get svc -A -o yaml` includes kube-dns on the DNS address: it
+    loads, and answers as the user wrote it; another service there is refused."""
+    kube_dns = """---
+kind: Service
+metadata: {name: kube-dns, namespace: kube-system}
+spec: {clusterIP: 10.96.0.10, selector: {k8s-app: kube-dns},
+       ports: [{name: dns, protocol: UDP, port: 53}, {name: dns-tcp, port: 53}, {name: metrics, port: 9153}]}
+"""
+    cfg = load(tmp_path, CLUSTER + kube_dns)
+    smap = servicemap.build(cfg)
+    z = ClusterZone(smap, cfg.engine.dns)
+    assert rdatas(ask(z, "kube-dns.kube-system.svc.cluster.local")) == ["10.96.0.10"]
+    assert rdatas(ask(z, "_metrics._tcp.kube-dns.kube-system.svc.cluster.local", "SRV"), "SRV") == \
+        ["0 100 9153 kube-dns.kube-system.svc.cluster.local."]
+    assert [l.split()[:2] for l in views.services(smap, cfg.engine.dns).splitlines()].count(["kube-system", "kube-dns"]) == 1
+    other = load(tmp_path, CLUSTER + kube_dns.replace("name: kube-dns,", "name: impostor,"), name="d.yaml")
+    with pytest.raises(config.ConfigError, match="already allocated to the cluster DNS"):
+        servicemap.build(other)
+
+
 # -- PTR -----------------------------------------------------------------------
 
 def test_ptr_for_cluster_ips_and_headless_endpoints(zone):
