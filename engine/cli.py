@@ -70,6 +70,7 @@ def cmd_run(args):
                     log.info("reloaded %s (files changed)", args.config)
             except config_mod.ConfigError as e:
                 log.error("reload refused, running table unchanged: %s", e)
+            eng.snapshot_if_due()
     finally:
         for srv in servers:
             srv.close()

@@ -128,6 +128,9 @@ class ConntrackConfig:
     tcp_close_wait_timeout: int = 3600
     udp_timeout: int = 30
     udp_stream_timeout: int = 120
+    # seconds between flow snapshots to stateFile while running (0: only on
+    # SIGTERM/SIGINT); what a crash (SIGKILL) loses is the flows newer than it
+    snapshot_interval: int = 10
 
 
 @dataclass
@@ -318,7 +321,7 @@ def parse_engine(doc, where):
     if "conntrack" in doc:
         d = _map(where, "conntrack", doc["conntrack"])
         _check_keys(where, "conntrack", d, {"max", "tcpEstablishedTimeout", "tcpCloseWaitTimeout",
-                                            "udpTimeout", "udpStreamTimeout"})
+                                            "udpTimeout", "udpStreamTimeout", "snapshotInterval"})
         if "max" in d:
             c.conntrack.max = _int(where, "conntrack.max", d["max"], 16, 1 << 26)
         for key, attr in (("tcpEstablishedTimeout", "tcp_established_timeout"),
@@ -326,6 +329,10 @@ def parse_engine(doc, where):
                           ("udpTimeout", "udp_timeout"), ("udpStreamTimeout", "udp_stream_timeout")):
             if key in d:
                 setattr(c.conntrack, attr, _duration(where, f"conntrack.{key}", d[key]))
+        if "snapshotInterval" in d:
+            v = d["snapshotInterval"]
+            off = v in ("0", "0s") or (type(v) is int and v == 0)
+            c.conntrack.snapshot_interval = 0 if off else _duration(where, "conntrack.snapshotInterval", v)
     if "metricsBindAddress" in doc:
         c.metrics_bind_address = _hostport(where, "metricsBindAddress", doc["metricsBindAddress"])
     if "healthzBindAddress" in doc:

@@ -43,6 +43,7 @@ class Engine:
         self.lock = threading.RLock()   # one sync at a time
         self._stamps = self._file_stamps()      # the files as loaded: later writes are changes
         self._pending = None
+        self._last_snapshot = time.monotonic()
         self.programmed = False
         self.last_sync_wall = None
         self.sync_seconds = 0.0
@@ -140,14 +141,16 @@ class Engine:
 
     SNAPSHOT_MAX_AGE = 600      # seconds; an older snapshot describes flows long gone
 
-    def save_flows(self):
-        """Write the flow table for the next start (on SIGTERM/SIGINT)."""
+    def save_flows(self, quiet=False):
+        """Write the flow table for the next start (on SIGTERM/SIGINT, and
+        every conntrack.snapshotInterval while running)."""
         import json
-        data = self.fp.export_flows()
-        header = {"version": 1, "time": time.time(), "masq": self.cfg.engine.masquerade_ip,
-                  "entry_bytes": _fastpath.ENTRY_BYTES,
-                  "services": {i: n for n, i in self.state.services.ids.items()},
-                  "backends": {i: list(k) for k, i in self.state.backends.ids.items()}}
+        with self.lock:         # ids as the flows name them: no sync in between
+            data = self.fp.export_flows()
+            header = {"version": 1, "time": time.time(), "masq": self.cfg.engine.masquerade_ip,
+                      "entry_bytes": _fastpath.ENTRY_BYTES,
+                      "services": {i: n for n, i in self.state.services.ids.items()},
+                      "backends": {i: list(k) for k, i in self.state.backends.ids.items()}}
         try:
             os.makedirs(os.path.dirname(self.state_file) or ".", mode=0o700, exist_ok=True)
             tmp = self.state_file + ".tmp"
@@ -155,9 +158,21 @@ class Engine:
             with os.fdopen(fd, "wb") as f:
                 f.write(json.dumps(header).encode() + b"\n" + data)
             os.replace(tmp, self.state_file)
-            log.info("saved %d flows to %s", len(data) // _fastpath.ENTRY_BYTES, self.state_file)
+            (log.debug if quiet else log.info)("saved %d flows to %s", len(data) // _fastpath.ENTRY_BYTES,
+                                               self.state_file)
         except OSError as e:
             log.warning("cannot save flows to %s: %s", self.state_file, e)
+
+    def snapshot_if_due(self):
+        """The periodic snapshot: what a crash (SIGKILL) leaves for the next
+        start. Returns True when one was written."""
+        every = self.base.engine.conntrack.snapshot_interval
+        now = time.monotonic()
+        if not every or not self.programmed or now - self._last_snapshot < every:
+            return False
+        self._last_snapshot = now
+        self.save_flows(quiet=True)
+        return True
 
     def restore_flows(self):
         """Take over the flows a previous engine saved, then remove the file."""

@@ -16,6 +16,7 @@ namespace only gains the namespace names themselves, never links or routes):
 """
 
 import atexit
+import contextlib
 import fcntl
 import os
 import re
@@ -417,6 +418,19 @@ status: {{podIP: {p.ip}, conditions: [{{type: Ready, status: "True"}}]}}
         with open(path, "w") as f:
             f.write(config_text)
         return EngineProc(self, path, healthz, timeout, args)
+
+    @contextlib.contextmanager
+    def small_receive_buffer(self, ns, max_bytes=1 << 20):
+        """curl --limit-rate paces its reads, not the wire: with the kernel's
+        large receive buffers a download can arrive long before curl reads
+        it. Within this block, TCP in ns buffers at most max_bytes, so a
+        paced transfer stays on the wire as long as its rate says."""
+        old = self.run(ns, ["sysctl", "-n", "net.ipv4.tcp_rmem"]).stdout.split()
+        self._sysctl(ns, "net.ipv4.tcp_rmem", "4096 %d %d" % (min(131072, max_bytes), max_bytes))
+        try:
+            yield
+        finally:
+            self._sysctl(ns, "net.ipv4.tcp_rmem", " ".join(old))
 
     def forget_pod_connections(self):
         """Drop every pod's TCP sockets but its listeners. A fresh engine

@@ -33,30 +33,58 @@ def test_rules_are_removed_on_exit(lab):
     assert "2004" not in lab.run(lab.node_ns, ["ip", "route", "show", "table", "all"]).stdout
 
 
-def test_restart_keeps_a_long_transfer(lab):
-    """SIGTERM writes the flow table; the next start takes it over, so an
-    established download carries on after a few retransmissions."""
+def _download_survives(lab, text, size, rate, settle, interrupt):
+    """Run a paced download through an engine on text; after settle seconds
+    call interrupt(engine) -> the engine that carries on; the download must
+    still complete whole. Returns (old engine, new engine)."""
     import subprocess
-    text = "---\n".join([ENGINE + "tunName: kube-tun7\n", seed("service-exam.yaml")]) + lab.pod_manifests()
+    import time
     eng = lab.start_engine(text)
     eng2 = None
-    size = 60_000_000
-    dl = lab.popen(lab.client_ns, ["curl", "-s", "-o", "/dev/null", "--limit-rate", "10M", "-m", "60",
-                                    "-w", "%{size_download} %{http_code}", f"http://10.96.100.100/bytes/{size}"],
-                   stdout=subprocess.PIPE, text=True)
-    import time
     try:
-        time.sleep(1.5)
-        flows_before = eng.ctl("conntrack", "-p", "tcp").stdout
-        assert "ESTABLISHED" in flows_before
-        eng2 = lab.restart_engine(eng)
-        assert "saved" in eng.log() and "took over" in eng2.log(), (eng.log(), eng2.log())
-        out, _ = dl.communicate(timeout=90)
-        assert out.split() == [str(size), "200"], out
+        with lab.small_receive_buffer(lab.client_ns):
+            dl = lab.popen(lab.client_ns, ["curl", "-s", "-o", "/dev/null", "--limit-rate", rate, "-m", "60",
+                                            "-w", "%{size_download} %{http_code}", f"http://10.96.100.100/bytes/{size}"],
+                           stdout=subprocess.PIPE, text=True)
+            try:
+                time.sleep(settle)
+                ct = eng.ctl("conntrack", "-p", "tcp").stdout
+                assert "ESTABLISHED" in ct, ct                 # still on the wire
+                eng2 = interrupt(eng)
+                out, _ = dl.communicate(timeout=90)
+                assert out.split() == [str(size), "200"], out
+            finally:
+                dl.kill()
+        return eng, eng2
     finally:
         eng.stop()
         if eng2:
             assert eng2.stop() == 0
+
+
+def test_restart_keeps_a_long_transfer(lab):
+    """SIGTERM writes the flow table; the next start takes it over, so an
+    established download carries on after a few retransmissions."""
+    text = "---\n".join([ENGINE + "tunName: kube-tun7\n", seed("service-exam.yaml")]) + lab.pod_manifests()
+    eng, eng2 = _download_survives(lab, text, 60_000_000, "10M", 1.5, lab.restart_engine)
+    assert "saved" in eng.log() and "took over 1 flows" in eng2.log(), (eng.log(), eng2.log())
+
+
+def test_sigkill_keeps_flows_of_the_last_snapshot(lab):
+    """A crash writes nothing: the periodic snapshot (conntrack.snapshotInterval)
+    is what the next start takes over, so a download older than it survives
+    a SIGKILL."""
+    import signal
+    text = "---\n".join([ENGINE + "tunName: kube-tun5\nconntrack: {snapshotInterval: 1}\n",
+                         seed("service-exam.yaml")]) + lab.pod_manifests()
+
+    def crash(eng):
+        eng.stop(sig=signal.SIGKILL)
+        return lab.restart_engine(eng)
+    # settle 2.5 s: in at least one snapshot
+    eng, eng2 = _download_survives(lab, text, 40_000_000, "8M", 2.5, crash)
+    assert "saved" not in eng.log()                     # nothing written on the way down
+    assert "took over 1 flows" in eng2.log(), eng2.log()
 
 
 def test_start_after_sigkill_takes_over_leftovers(lab):

@@ -58,6 +58,19 @@ dns: {clusterIP: 10.100.0.10, upstream: [192.168.50.53, "192.168.50.54:5353"]}
     assert e.dns.upstream == [("192.168.50.53", 53), ("192.168.50.54", 5353)]
 
 
+@pytest.mark.parametrize("value,secs", [(None, 10), (0, 0), ("0s", 0), ("0", 0), (3, 3), ("1m", 60)])
+def test_snapshot_interval(tmp_path, value, secs):
+    ct = "" if value is None else f"conntrack: {{snapshotInterval: {value!r}}}\n".replace("'", '"')
+    cfg = config.load(write(tmp_path, "kind: EngineConfiguration\n" + ct))
+    assert cfg.engine.conntrack.snapshot_interval == secs
+
+
+@pytest.mark.parametrize("value", ["-1", "soon", "true", "[1]"])
+def test_snapshot_interval_refused(tmp_path, value):
+    with pytest.raises(ConfigError, match="conntrack.snapshotInterval"):
+        config.load(write(tmp_path, f"kind: EngineConfiguration\nconntrack: {{snapshotInterval: {value}}}\n"))
+
+
 def test_manifests_paths_are_read(tmp_path):
     d = tmp_path / "m"
     d.mkdir()
