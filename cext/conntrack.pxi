@@ -104,7 +104,7 @@ cdef int ct_init(conntrack_t *ct, uint32_t maxflows, uint32_t maxbackends) excep
     ct.entries = <ct_entry_t *>big_alloc(<size_t>maxflows * sizeof(ct_entry_t))
     ct.free_ids = <uint32_t *>malloc(maxflows * sizeof(uint32_t))
     ct.slots = <uint64_t *>big_alloc(size * sizeof(uint64_t))
-    ct.active = <uint32_t *>calloc(maxbackends, sizeof(uint32_t))
+    ct.active = <uint32_t *>big_alloc(<size_t>maxbackends * sizeof(uint32_t))
     ct.nactive = maxbackends
     if not ct.entries or not ct.free_ids or not ct.slots or not ct.active:
         raise MemoryError()
@@ -122,7 +122,8 @@ cdef void ct_free(conntrack_t *ct) noexcept nogil:
     free(ct.free_ids)
     if ct.slots != NULL:
         munmap(ct.slots, (ct.mask + 1) * sizeof(uint64_t))
-    free(ct.active)
+    if ct.active != NULL:
+        munmap(ct.active, <size_t>ct.nactive * sizeof(uint32_t))
     ct.active = NULL
     ct.entries = NULL
     ct.free_ids = NULL

@@ -285,7 +285,9 @@ cdef class Dataplane:
         self.icmp_rate = icmp_rate
         self.icmp_tokens = icmp_rate
         self.icmp_second = 0xffffffffU
-        self.svc_stats = <uint64_t *>calloc(<size_t>max_services * NSVC_STATS, sizeof(uint64_t))
+        # per-service counters and active counts are touched once per new
+        # flow at random: on huge pages where given, like the flow table
+        self.svc_stats = <uint64_t *>big_alloc(<size_t>max_services * NSVC_STATS * sizeof(uint64_t))
         while asize < affinity_size:
             asize <<= 1
         self.aff = <aff_t *>calloc(asize, sizeof(aff_t))
@@ -313,7 +315,8 @@ cdef class Dataplane:
 
     def __dealloc__(self):
         ct_free(&self.ct)
-        free(self.svc_stats)
+        if self.svc_stats != NULL:
+            munmap(self.svc_stats, <size_t>self.max_services * NSVC_STATS * sizeof(uint64_t))
         free(self.aff)
         free(self.bufs)
         free(self.lens)
@@ -344,6 +347,57 @@ cdef class Dataplane:
         return self.tables
 
     # -- the packet path ---------------------------------------------------
+
+    # -- batch stages: prefetches ahead of process_one (hints, never answers) --
+
+    cdef inline void stage_flows(self, Tables t, uint8_t *bufs, size_t stride, Py_ssize_t *lens,
+                                 int n, int hdr, uint64_t *hashes, uint64_t *svs) noexcept nogil:
+        """Stage 1, no lock needed: each packet's flow hash and home index
+        slot, and for a packet that may open a flow, its service's slot."""
+        cdef int i
+        ct_prefetch_slots(&self.ct, bufs, stride, lens, n, hdr, hashes)
+        for i in range(n):
+            svs[i] = svc_peek_slot(bufs + <size_t>i * stride + hdr, lens[i] - hdr, t.svc_mask)
+            if svs[i] != NO_SLOT:
+                prefetch(&t.svc_slots[svs[i]])
+
+    cdef inline void stage_entries(self, Tables t, uint64_t *hashes, uint64_t *svs, int n) noexcept nogil:
+        """Stage 2, under the lock: the entries of tracked flows; for a packet
+        whose flow is not in the table (its home slot is empty), its service,
+        then that service's backends and counters: a new flow's chain of
+        misses, spread over the batch."""
+        cdef int i
+        cdef size_t j
+        cdef uint32_t si
+        cdef svc_t *sv
+        ct_prefetch_entries(&self.ct, hashes, n)
+        for i in range(n):
+            if svs[i] == NO_SLOT:
+                continue
+            si = t.svc_slots[svs[i]].svc
+            if si == EMPTY or self.ct.slots[hashes[i] & self.ct.mask] != 0:
+                svs[i] = NO_SLOT
+                continue
+            svs[i] = si
+            prefetch(&t.svcs[si])
+        cdef backend_t *b
+        for i in range(n):
+            if svs[i] == NO_SLOT:
+                continue
+            sv = &t.svcs[svs[i]]
+            if sv.backend_count:
+                b = &t.backends[sv.backend_start]
+                for j in range(0, min(sv.backend_count, 16) * sizeof(backend_t), 64):
+                    prefetch(<uint8_t *>b + j)
+            else:
+                svs[i] = NO_SLOT
+            if sv.id < self.max_services:
+                prefetch_w(&self.svc_stats[sv.id * NSVC_STATS])
+        for i in range(n):          # active-flow counts: a service's backend ids are near each other
+            if svs[i] != NO_SLOT:
+                b = &t.backends[t.svcs[svs[i]].backend_start]
+                if b.id < self.ct.nactive:
+                    prefetch_w(&self.ct.active[b.id])
 
     cdef int process_one(self, Tables t, uint8_t *p, Py_ssize_t n, uint32_t now,
                          Py_ssize_t *outlen, bint partial, uint64_t h=0) noexcept nogil:
@@ -714,7 +768,8 @@ cdef class Dataplane:
             raise ValueError("more packets than batch slots")
         cdef uint8_t *src = <uint8_t *>malloc(<size_t>npk * SLOT_SIZE)
         cdef Py_ssize_t *srclen = <Py_ssize_t *>malloc(npk * sizeof(Py_ssize_t))
-        cdef uint64_t *hashes = <uint64_t *>malloc(max(1, npk) * sizeof(uint64_t))
+        cdef uint64_t *hashes = <uint64_t *>malloc(max(1, npk) * 2 * sizeof(uint64_t))
+        cdef uint64_t *svs = hashes + max(1, npk)
         for i, pk in enumerate(pkts):
             srclen[i] = len(pk)
             memcpy(src + <size_t>i * SLOT_SIZE, <char *>pk, srclen[i])
@@ -725,8 +780,8 @@ cdef class Dataplane:
                     memcpy(self.bufs + <size_t>i * SLOT_SIZE, src + <size_t>i * SLOT_SIZE, srclen[i])
                 # the same two stages as IOWorker.run
                 if self.batch_prefetch:
-                    ct_prefetch_slots(&self.ct, self.bufs, SLOT_SIZE, srclen, npk, 0, hashes)
-                    ct_prefetch_entries(&self.ct, hashes, npk)
+                    self.stage_flows(t, self.bufs, SLOT_SIZE, srclen, npk, 0, hashes, svs)
+                    self.stage_entries(t, hashes, svs, npk)
                 else:
                     memset(hashes, 0, npk * sizeof(uint64_t))
                 for i in range(npk):

@@ -14,7 +14,7 @@ cdef class IOWorker:
     cdef uint8_t *bufs
     cdef Py_ssize_t *lens
     cdef uint8_t *verdicts
-    cdef uint64_t *hashes       # per packet of a batch: its flow hash, for prefetching
+    cdef uint64_t *hashes       # per packet of a batch: flow hash, then (at + batch) service slot: prefetch stages
     cdef int batch
     cdef int hdr                # VNET_HDR_LEN when the TUN has IFF_VNET_HDR, else 0
     cdef uint64_t tx[3]         # packets, bytes, write errors (per worker: no lock)
@@ -32,7 +32,7 @@ cdef class IOWorker:
         self.bufs = <uint8_t *>malloc(<size_t>self.batch * IO_SLOT)
         self.lens = <Py_ssize_t *>calloc(self.batch, sizeof(Py_ssize_t))
         self.verdicts = <uint8_t *>calloc(self.batch, 1)
-        self.hashes = <uint64_t *>calloc(self.batch, sizeof(uint64_t))
+        self.hashes = <uint64_t *>calloc(self.batch * 2, sizeof(uint64_t))     # then svs
         if not self.bufs or not self.lens or not self.verdicts or not self.hashes:
             raise MemoryError()
         self.tx[0] = self.tx[1] = self.tx[2] = 0
@@ -81,12 +81,12 @@ cdef class IOWorker:
                 clock_gettime(CLOCK_MONOTONIC, &ts)
                 now = <uint32_t>ts.tv_sec
                 if dp.batch_prefetch:
-                    ct_prefetch_slots(&dp.ct, self.bufs, IO_SLOT, self.lens, n, hdr, self.hashes)
+                    dp.stage_flows(t, self.bufs, IO_SLOT, self.lens, n, hdr, self.hashes, self.hashes + self.batch)
                 else:
                     memset(self.hashes, 0, n * sizeof(uint64_t))
                 PyThread_acquire_lock(dp.lock, WAIT_LOCK)
                 if dp.batch_prefetch:
-                    ct_prefetch_entries(&dp.ct, self.hashes, n)
+                    dp.stage_entries(t, self.hashes, self.hashes + self.batch, n)
                 for i in range(n):
                     slot = self.bufs + <size_t>i * IO_SLOT
                     partial = hdr != 0 and (slot[0] & VNET_F_NEEDS_CSUM) != 0

@@ -84,6 +84,30 @@ cdef inline uint64_t svc_key(uint32_t addr, uint16_t port, uint8_t proto) noexce
     return (<uint64_t>addr << 32) | (<uint64_t>port << 8) | proto
 
 
+cdef enum:
+    NO_SLOT = 0xffffffff        # svc_peek_slot: the packet opens no flow worth staging
+
+
+cdef inline uint64_t svc_peek_slot(const uint8_t *p, Py_ssize_t n, uint64_t svc_mask) noexcept nogil:
+    """For the batch stage: the home slot, in the service index, of what the
+    packet is addressed to, if it may open a flow (a TCP SYN, or UDP);
+    else NO_SLOT. A hint only, like peek_hash."""
+    cdef Py_ssize_t ihl
+    cdef uint8_t proto
+    if n < IP_MIN_HLEN or (p[IP_VER_IHL] >> 4) != 4:
+        return NO_SLOT
+    ihl = (p[IP_VER_IHL] & 0x0f) * 4
+    proto = p[IP_PROTO]
+    if ihl < IP_MIN_HLEN or n < ihl + TCP_FLAGS + 1:
+        return NO_SLOT
+    if proto == PROTO_TCP:
+        if (p[ihl + TCP_FLAGS] & (TH_SYN | TH_ACK)) != TH_SYN:
+            return NO_SLOT
+    elif proto != PROTO_UDP:
+        return NO_SLOT
+    return mix64(svc_key(ld32(p + IP_DST), ld16(p + ihl + L4_DPORT), proto)) & svc_mask
+
+
 cdef class Tables:
     """One generation of compiled service tables (immutable once built)."""
     cdef svc_slot_t *svc_slots
