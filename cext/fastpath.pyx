@@ -257,6 +257,10 @@ cdef class Dataplane:
     cdef object _io0
     cdef list _workers             # IOWorkers, for their tx counters
     cdef public bint batch_prefetch    # stage lookups per batch (off only to measure it)
+    # TUN queues a steering program spreads flows over by port (engine/steering.py):
+    # a new flow's masquerade port is congruent to the client's source port
+    # modulo this, so both directions of the flow reach the same queue
+    cdef public uint32_t steer_queues
 
     def __cinit__(self):
         self.bufs = NULL
@@ -308,6 +312,7 @@ cdef class Dataplane:
         self.set_timeouts(timeouts or {})
         self._workers = []
         self.batch_prefetch = True
+        self.steer_queues = 1
         self._io0 = None
         self.tables = Tables([])
         if tables is not None:
@@ -413,7 +418,7 @@ cdef class Dataplane:
         cdef flow_key_t *other
         cdef svc_t *sv
         cdef backend_t *b
-        cdef uint32_t i, start, port
+        cdef uint32_t i, start, port, q, first, count
 
         self.cnt[C_RX_PACKETS] += 1
         self.cnt[C_RX_BYTES] += n
@@ -514,9 +519,16 @@ cdef class Dataplane:
         rk.proto = proto
         rk.family = 4
         rk.pad = 0
-        start = xorshift32(&self.rng) % self.port_range
-        for i in range(PORT_TRIES if PORT_TRIES < self.port_range else self.port_range):
-            port = self.port_lo + (start + i) % self.port_range
+        # the ports of the range congruent to the client's port (all of them
+        # when there is no steering): first, first + q, ... count of them
+        q = self.steer_queues if self.steer_queues else 1
+        first = self.port_lo + (ntohs(k.sport) % q + q - self.port_lo % q) % q
+        count = (self.port_lo + self.port_range - 1 - first) // q + 1 if first < self.port_lo + self.port_range else 0
+        if count == 0:
+            return self.drop(R_NAT_EXHAUSTED)
+        start = xorshift32(&self.rng) % count
+        for i in range(PORT_TRIES if PORT_TRIES < count else count):
+            port = first + ((start + i) % count) * q
             rk.dport = htons(<uint16_t>port)
             if ct_find(&self.ct, &rk) < 0:
                 break
@@ -794,6 +806,10 @@ cdef class Dataplane:
         return fwd
 
     # -- control plane views -------------------------------------------------
+
+    def queue_packets(self):
+        """Packets read per worker (one per TUN queue), in worker order."""
+        return [(<IOWorker>w).rx_packets for w in self._workers]
 
     def counters(self):
         out = {name: self.cnt[i] for i, name in enumerate(COUNTERS)}

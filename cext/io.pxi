@@ -18,6 +18,7 @@ cdef class IOWorker:
     cdef int batch
     cdef int hdr                # VNET_HDR_LEN when the TUN has IFF_VNET_HDR, else 0
     cdef uint64_t tx[3]         # packets, bytes, write errors (per worker: no lock)
+    cdef readonly uint64_t rx_packets   # read from this worker's queue
 
     def __cinit__(self):
         self.bufs = NULL
@@ -36,6 +37,7 @@ cdef class IOWorker:
         if not self.bufs or not self.lens or not self.verdicts or not self.hashes:
             raise MemoryError()
         self.tx[0] = self.tx[1] = self.tx[2] = 0
+        self.rx_packets = 0
         dp._workers.append(self)
 
     def __dealloc__(self):
@@ -106,6 +108,7 @@ cdef class IOWorker:
                         else:
                             self.tx[2] += 1
                 total += n
+                self.rx_packets += n
                 if n < self.batch:
                     break
         return total

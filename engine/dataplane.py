@@ -59,6 +59,8 @@ class Engine:
         self.tun = Tun(eng.tun_name)
         try:
             self.tun.open(queues=self.queues, vnet=True)
+            if self.queues > 1:
+                self._steer_queues(eng)
             self.tun.enable_forwarding()
             if eng.dns.cluster_ip:
                 # the DNS VIP is an address of the node (on the TUN), as IPVS
@@ -86,6 +88,17 @@ class Engine:
         self.programmed = True
         log.info("dataplane up on %s: %d queues, %d service rows", eng.tun_name, self.queues,
                  self.fp.current_tables.size)
+
+    def _steer_queues(self, eng):
+        """Both directions of a flow on one queue (engine/steering.py)."""
+        from . import steering
+        try:
+            steering.attach(self.tun.fileno(0), int(ipaddress.IPv4Address(eng.masquerade_ip)))
+        except OSError as e:
+            log.warning("no queue steering (%s): the two directions of a flow may take different queues", e)
+            return
+        self.fp.steer_queues = self.queues
+        log.info("queue steering: eBPF, both directions of a flow on one of %d queues", self.queues)
 
     def _run(self, io, fd):
         run = io.run

@@ -614,6 +614,7 @@ class Dataplane:
     """Conntrack + NAT over compiled Tables."""
 
     batch_prefetch = True       # a cache hint of the C path: no effect here
+    steer_queues = 1            # masquerade ports congruent to client ports modulo this
 
     def __init__(self, masquerade_ip, max_flows=262144, batch=64, seed=0x9E3779B9,
                  port_range=(1024, 65535), timeouts=None, tables=None,
@@ -807,9 +808,14 @@ class Dataplane:
 
         # 4. scheduler, then a free SNAT port for the reply tuple
         baddr, bport, bid = self._schedule(sv, raw32(saddr), raw16(sport), now)
-        start = self._rand() % self.port_range
-        for i in range(min(PORT_TRIES, self.port_range)):
-            port = self.port_lo + (start + i) % self.port_range
+        q = self.steer_queues or 1
+        first = self.port_lo + (sport % q + q - self.port_lo % q) % q
+        count = (self.port_lo + self.port_range - 1 - first) // q + 1 if first < self.port_lo + self.port_range else 0
+        if count == 0:
+            return self._drop("nat_exhausted")
+        start = self._rand() % count
+        for i in range(min(PORT_TRIES, count)):
+            port = first + (start + i) % count * q
             rk = (baddr, self.masq, bport, port, proto)
             if ct.find(rk) is None:
                 break

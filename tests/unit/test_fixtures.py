@@ -50,7 +50,7 @@ def test_exported_names_match():
         assert getattr(refpath, name) == getattr(_fastpath, name), name
     for cls in ("Dataplane", "Tables"):
         public = {n for n in dir(getattr(_fastpath, cls)) if not n.startswith("_")}
-        public -= {"run_io"}                    # TUN I/O: the C module's alone
+        public -= {"run_io", "queue_packets"}   # TUN I/O: the C module's alone
         missing = public - set(dir(getattr(refpath, cls)))
         assert not missing, f"refpath.{cls} lacks {missing}"
     assert callable(refpath.maglev_table) and callable(refpath.monotonic)
@@ -266,6 +266,30 @@ def test_random_traffic_in_batches(seed):
     c = dps[0].counters()
     assert c == dps[1].counters() == dps[2].counters()
     assert c["flows_created"] > 50 and c["drops_by_reason"]["not_syn"], c
+
+
+@pytest.mark.parametrize("queues", [2, 3])
+def test_masquerade_ports_follow_steering(queues):
+    """With steer_queues = q, each flow's masquerade port is congruent to the
+    client's port modulo q (so the steering program sends both directions
+    to one queue), on both paths alike, down to the last free port."""
+    dps = [dataplane(m, port_range=(40000, 40011)) for m in (_fastpath, refpath)]
+    for dp in dps:
+        dp.steer_queues = queues
+    for sport in range(1024, 1024 + 14):
+        outs = [dp.process(bytes(tcp("S", dst=VIP_ONE, sport=sport)), T0) for dp in dps]     # one backend
+        assert outs[0] == outs[1]
+        if outs[0][0] == "forward":
+            masq_port = IP(outs[0][2])[TCP].sport
+            assert masq_port % queues == sport % queues and 40000 <= masq_port <= 40011
+        else:                       # 12 ports, 12 / q per residue: the rest run out
+            assert outs[0][1] == "nat_exhausted"
+    assert dps[0].counters() == dps[1].counters()
+    # per residue r: as many flows as there are masquerade ports r (mod q)
+    clients, masq = range(1024, 1024 + 14), range(40000, 40012)
+    expect = sum(min(sum(p % queues == r for p in masq), sum(c % queues == r for c in clients))
+                 for r in range(queues))
+    assert dps[0].counters()["flows_created"] == expect < 14
 
 
 def varied_tables(seed):
