@@ -19,11 +19,14 @@ packet), loaded with the bpf() syscall: no compiler, no library.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
+import platform
 import struct
 
-SYS_BPF = 321                   # x86_64
+SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351,
+           "riscv64": 280}.get(platform.machine())
 BPF_PROG_LOAD = 5
 BPF_PROG_TYPE_SOCKET_FILTER = 1
 TUNSETSTEERINGEBPF = 0x800454E0  # _IOR('T', 224, int)
@@ -73,6 +76,8 @@ class _ProgLoadAttr(ctypes.Structure):
 def load(masq_ip):
     """Load the program; returns its fd. Raises OSError with the verifier's
     log when the kernel refuses it."""
+    if SYS_BPF is None:
+        raise OSError(errno.ENOSYS, f"bpf(): syscall number unknown on {platform.machine()}")
     code = program(masq_ip)
     insns = ctypes.create_string_buffer(code, len(code))
     lic = ctypes.create_string_buffer(b"GPL")
