@@ -393,10 +393,15 @@ def _selector_endpoints(svc, sp, pods):
             if cp is None or cp[1] != sp.protocol:
                 continue      # this pod does not expose the named port
             port = cp[0]
-        ready = (p.ready or svc.publish_not_ready) and not p.terminating
-        out.append(Endpoint(ip=p.ip, port=port, ready=ready, serving=p.ready or svc.publish_not_ready,
-                            terminating=p.terminating, pod=p.name, hostname=p.hostname))
+        out.append(_pod_endpoint(svc, p, port))
     return out
+
+
+def _pod_endpoint(svc, p, port):
+    """The endpoint pod p gives svc on port (0: by address alone)."""
+    return Endpoint(ip=p.ip, port=port, ready=(p.ready or svc.publish_not_ready) and not p.terminating,
+                    serving=p.ready or svc.publish_not_ready, terminating=p.terminating,
+                    pod=p.name, hostname=p.hostname)
 
 
 def _portless(info, pods, slices):
@@ -407,10 +412,7 @@ def _portless(info, pods, slices):
     if info.cluster_ip != "None" or info.ports:
         return
     if s.selector is not None:
-        info.addresses = [Endpoint(ip=p.ip, port=0, ready=(p.ready or s.publish_not_ready) and not p.terminating,
-                                   serving=p.ready or s.publish_not_ready, terminating=p.terminating,
-                                   pod=p.name, hostname=p.hostname)
-                          for p in pods.select(s.namespace, s.selector) if p.ip]
+        info.addresses = [_pod_endpoint(s, p, 0) for p in pods.select(s.namespace, s.selector) if p.ip]
     else:
         seen = set()
         info.addresses = [e for sl in slices if not sl.ports for e in sl.endpoints

@@ -104,6 +104,3 @@ def attach(tun_fd, masq_ip):
     finally:
         os.close(fd)
 
-
-def detach(tun_fd):
-    fcntl.ioctl(tun_fd, TUNSETSTEERINGEBPF, struct.pack("i", -1))

@@ -202,6 +202,21 @@ def _random_packet(r, flows):
     return bytes(p)
 
 
+def _housekeeping(r, dps, now):
+    """One random step of the differential runs before a packet: time moves
+    on; now and then an expiry sweep (returns swept=True: no packet this
+    step) or a stale-UDP style deletion, checked equal on both paths."""
+    now += r.choice([0] * 30 + [1, 2, 7, 31, 65])
+    if r.random() < 0.03:
+        budget = r.randint(1, 30)
+        assert dps[0].expire(now, budget) == dps[1].expire(now, budget)
+        return now, True
+    if r.random() < 0.01:
+        proto, b = r.choice([6, 17]), r.choice(BACKENDS)
+        assert dps[0].delete_flows(proto, ip(b)) == dps[1].delete_flows(proto, ip(b))
+    return now, False
+
+
 def ip_str(n):
     return ".".join(str(b) for b in n.to_bytes(4, "big"))
 
@@ -213,14 +228,9 @@ def test_random_traffic_same_bytes(seed):
            for m in (_fastpath, refpath)]
     now = T0
     for i in range(2500):
-        now += r.choice([0] * 30 + [1, 2, 7, 31, 65])
-        if r.random() < 0.03:
-            budget = r.randint(1, 30)
-            assert dps[0].expire(now, budget) == dps[1].expire(now, budget)
+        now, swept = _housekeeping(r, dps, now)
+        if swept:
             continue
-        if r.random() < 0.01:
-            proto, b = r.choice([6, 17]), r.choice(BACKENDS)
-            assert dps[0].delete_flows(proto, ip(b)) == dps[1].delete_flows(proto, ip(b))
         raw = _random_packet(r, dps[1].flows(now))
         mutated = r.random() < 0.05
         if mutated:
@@ -338,14 +348,9 @@ def test_random_traffic_varied_same_bytes(seed):
     recent = []
     now = T0
     for i in range(2500):
-        now += r.choice([0] * 30 + [1, 2, 7, 31, 65])
-        if r.random() < 0.03:
-            budget = r.randint(1, 30)
-            assert dps[0].expire(now, budget) == dps[1].expire(now, budget)
+        now, swept = _housekeeping(r, dps, now)
+        if swept:
             continue
-        if r.random() < 0.01:
-            proto, b = r.choice([6, 17]), r.choice(BACKENDS)
-            assert dps[0].delete_flows(proto, ip(b)) == dps[1].delete_flows(proto, ip(b))
         if r.random() < 0.005:      # a new generation: rr cursors restart, affinity stays
             for d, m in zip(dps, (_fastpath, refpath)):
                 d.swap(m.Tables(**kw))
