@@ -137,7 +137,7 @@ def cmd_apply(args, delete=False):
 
 
 def cmd_demo(args):
-    from .demo import run_demo
+    from .lab.demo import run_demo
     return run_demo(requests=args.requests)
 
 

@@ -39,8 +39,8 @@ spec: {type: ExternalName, externalName: deploy-svc.default.svc.cluster.local}
 def world(lab):
     up = lab.add_host("updns", UPSTREAM)
     web = lab.add_host("google", WEB)
-    lab.popen(web.ns, [sys.executable, "-m", "engine.podserver", "--name", "google-com", "--http-port", "80"])
-    p = lab.popen(up.ns, [sys.executable, "-m", "engine.labdns", "--bind", "0.0.0.0", "--port", "53",
+    lab.popen(web.ns, [sys.executable, "-m", "engine.lab.podserver", "--name", "google-com", "--http-port", "80"])
+    p = lab.popen(up.ns, [sys.executable, "-m", "engine.lab.dns", "--bind", "0.0.0.0", "--port", "53",
                           "--record", f"google.com=A:{WEB}", "--record", "www.example.org=A:192.168.50.81"],
                   stdout=__import__("subprocess").PIPE)
     assert p.stdout.readline().startswith(b"ready")

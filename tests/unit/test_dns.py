@@ -574,7 +574,7 @@ def free_port():
 @pytest.fixture
 def upstream():
     port = free_port()
-    p = subprocess.Popen([sys.executable, "-m", "engine.labdns", "--bind", "127.0.0.1", "--port", str(port),
+    p = subprocess.Popen([sys.executable, "-m", "engine.lab.dns", "--bind", "127.0.0.1", "--port", str(port),
                           "--record", "google.com=A:192.168.50.80",
                           "--record", "www.example.org=CNAME:google.com",
                           "--record", "big.example=TXT:" + "x" * 200,

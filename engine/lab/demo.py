@@ -19,9 +19,9 @@ import sys
 import tempfile
 import time
 
-from .lab import Lab
+from .netns import Lab
 
-SEED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seed")
+SEED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "seed")
 UPSTREAM, WEB = "192.168.50.53", "192.168.50.80"
 
 ENGINE_DOC = f"""apiVersion: engine/v1alpha1
@@ -72,8 +72,8 @@ def run_demo(requests=60):
             _say(f"   client {lab.client_ip} -> node {lab.node_ip} (engine, TUN kube-tun0) -> pods on 10.244.1.0/24")
             up = lab.add_host("updns", UPSTREAM)
             web = lab.add_host("google", WEB)
-            lab.popen(web.ns, [sys.executable, "-m", "engine.podserver", "--name", "google.com", "--http-port", "80"])
-            dnsp = lab.popen(up.ns, [sys.executable, "-m", "engine.labdns", "--bind", "0.0.0.0", "--port", "53",
+            lab.popen(web.ns, [sys.executable, "-m", "engine.lab.podserver", "--name", "google.com", "--http-port", "80"])
+            dnsp = lab.popen(up.ns, [sys.executable, "-m", "engine.lab.dns", "--bind", "0.0.0.0", "--port", "53",
                                      "--record", f"google.com=A:{WEB}"], stdout=subprocess.PIPE)
             dnsp.stdout.readline()
             lab.set_resolv_conf(lab.client_ns, "search default.svc.cluster.local svc.cluster.local cluster.local\n"

@@ -1,6 +1,6 @@
 """Tiny stand-in for an nginx pod, run inside a lab pod namespace.
 
-    python3 -m engine.podserver --name NAME [--http-port 80] [--udp-port 5353]
+    python3 -m engine.lab.podserver --name NAME [--http-port 80] [--udp-port 5353]
 
 HTTP (HTTP/1.0, so every connection closes after one response):
   GET /bytes/N   -> N bytes of b"x", streamed in chunks (multi-GB is fine)
@@ -92,7 +92,7 @@ def udp_echo(sock, name):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python3 -m engine.podserver")
+    p = argparse.ArgumentParser(prog="python3 -m engine.lab.podserver")
     p.add_argument("--name", required=True)
     p.add_argument("--http-port", type=int, default=80)
     p.add_argument("--udp-port", type=int, default=5353)

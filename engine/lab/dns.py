@@ -1,7 +1,7 @@
 """A tiny authoritative DNS server for labs and tests: the "upstream" the
 engine's cluster DNS forwards to.
 
-    python3 -m engine.labdns --bind 0.0.0.0 --port 53 \\
+    python3 -m engine.lab.dns --bind 0.0.0.0 --port 53 \\
         --record google.com=A:192.168.50.80 --record www.example.org=CNAME:google.com
 
 Types: A, AAAA, CNAME, TXT (repeat --record for several records of a name).
@@ -160,7 +160,7 @@ def serve(lab, bind, port, ready_out=sys.stdout):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python3 -m engine.labdns", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python3 -m engine.lab.dns", description=__doc__.split("\n\n")[0])
     ap.add_argument("--bind", default="0.0.0.0")
     ap.add_argument("--port", type=int, default=53)
     ap.add_argument("--ttl", type=int, default=60)

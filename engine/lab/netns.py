@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 NODE_IP = "192.168.50.1"
 CLIENT_IP = "192.168.50.2"
@@ -472,7 +472,7 @@ status: {{podIP: {p.ip}, conditions: [{{type: Ready, status: "True"}}]}}
     def _start_podserver(self, pod):
         log_path = os.path.join(self._logdir, pod.name + ".log")
         with open(log_path, "wb") as log:
-            pod.proc = self.popen(pod.ns, [sys.executable, "-m", "engine.podserver", "--name", pod.name,
+            pod.proc = self.popen(pod.ns, [sys.executable, "-m", "engine.lab.podserver", "--name", pod.name,
                                            "--http-port", str(pod.http_port), "--udp-port", str(pod.udp_port)],
                                   stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
         deadline = time.monotonic() + self.ready_timeout
