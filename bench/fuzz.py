@@ -961,11 +961,9 @@ def build_debug(build_lib=DEBUG_BUILD_LIB, build_temp=DEBUG_BUILD_TEMP, sanitize
     build and `engine.refpath` the repository's. Returns the .so path."""
     src = build_temp + "-src"
     shutil.rmtree(src, ignore_errors=True)
-    os.makedirs(os.path.join(src, "cext"))
+    shutil.copytree(os.path.join(REPO_ROOT, "cext"), os.path.join(src, "cext"),
+                    ignore=lambda d, names: [n for n in names if n.endswith((".c", ".so", ".html"))])
     shutil.copy2(os.path.join(REPO_ROOT, "setup.py"), src)
-    for f in os.listdir(os.path.join(REPO_ROOT, "cext")):
-        if f.endswith((".pyx", ".pxi", ".pxd", ".h")):
-            shutil.copy2(os.path.join(REPO_ROOT, "cext", f), os.path.join(src, "cext", f))
     env = dict(os.environ, ENGINE_DEBUG="1")
     if sanitize:
         flags = "-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"

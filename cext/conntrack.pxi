@@ -5,81 +5,12 @@
 # entry reference and 32 bits of the key's hash, so a mismatching probe rarely
 # touches the entry. Expiry is lazy on lookup plus an incremental clock sweep.
 
-ctypedef struct flow_key_t:
-    # IPv4 now; IPv6 gets a wider key of its own with the same layout rules.
-    uint32_t saddr              # raw
-    uint32_t daddr
-    uint16_t sport
-    uint16_t dport
-    uint8_t proto
-    uint8_t family              # 4
-    uint16_t pad
-
-ctypedef struct ct_entry_t:     # 48 bytes
-    flow_key_t key[2]           # [DIR_ORIG], [DIR_REPLY]
-    uint32_t expires            # seconds on the dataplane clock
-    uint32_t svc                # stable service-port id (control plane's), for stats
-    uint32_t backend            # stable backend id: active-flow counts (lc)
-    uint8_t state
-    uint8_t flags
-    uint16_t pad
-
-cdef enum:
-    DIR_ORIG = 0
-    DIR_REPLY = 1
-
-# Connection states; the timeouts array is indexed by these.
-cdef enum:
-    CT_FREE = 0
-    CT_SYN_SENT = 1
-    CT_SYN_RECV = 2
-    CT_ESTABLISHED = 3
-    CT_FIN_WAIT = 4
-    CT_CLOSE_WAIT = 5
-    CT_TIME_WAIT = 6
-    CT_CLOSE = 7
-    CT_UDP_UNREPLIED = 8
-    CT_UDP_ASSURED = 9
-    CT_NSTATES = 10
-
-cdef enum:
-    CTF_FIN_ORIG = 1
-    CTF_FIN_REPLY = 2
-    CTF_ACTIVE = 4              # counted in active[backend]: open, not yet closing (IPVS ActiveConn)
-
-
-cdef inline uint64_t flow_hash(const flow_key_t *k) noexcept nogil:
-    cdef uint64_t a = (<uint64_t>k.saddr << 32) | k.daddr
-    cdef uint64_t b = (<uint64_t>k.sport << 32) | (<uint64_t>k.dport << 16) | k.proto
-    return mix64(a ^ mix64(b))
-
 cdef inline bint key_eq(const flow_key_t *a, const flow_key_t *b) noexcept nogil:
     return (a.saddr == b.saddr and a.daddr == b.daddr and a.sport == b.sport
             and a.dport == b.dport and a.proto == b.proto)
 
 cdef inline bint state_unestablished(uint8_t st) noexcept nogil:
     return st == CT_SYN_SENT or st == CT_SYN_RECV or st == CT_UDP_UNREPLIED or st == CT_CLOSE
-
-
-cdef struct conntrack_t:
-    ct_entry_t *entries
-    uint32_t max
-    uint32_t count
-    uint32_t *free_ids          # stack of free entry ids
-    uint32_t nfree
-    uint64_t *slots             # hash32 << 32 | (id*2 + dir + 1); 0 = empty
-    uint64_t mask
-    uint32_t hand               # clock hand for sweeping and eviction
-    uint32_t *active            # flows per backend id, kept by alloc/remove
-    uint32_t nactive
-
-
-cdef extern from "<sys/mman.h>" nogil:
-    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
-    int munmap(void *addr, size_t length)
-    int madvise(void *addr, size_t length, int advice)
-    enum: PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS, MADV_HUGEPAGE
-    void *MAP_FAILED
 
 
 cdef void *big_alloc(size_t n) noexcept nogil:
@@ -134,7 +65,7 @@ cdef void ct_free(conntrack_t *ct) noexcept nogil:
 cdef inline int64_t ct_find(conntrack_t *ct, const flow_key_t *k) noexcept nogil:
     return ct_find_h(ct, k, flow_hash(k))
 
-# ct_find with the key's flow_hash already known (from the prefetch stage)
+# ct_find with the key's flow_hash already known (pkt_parse computes it)
 cdef inline int64_t ct_find_h(conntrack_t *ct, const flow_key_t *k, uint64_t h) noexcept nogil:
     cdef uint64_t i = h & ct.mask
     cdef uint64_t tag = (h >> 32) << 32
@@ -154,43 +85,22 @@ cdef inline int64_t ct_find_h(conntrack_t *ct, const flow_key_t *k, uint64_t h) 
 # a lookup is two cache misses in a row, slot then entry. Hashing a whole
 # batch first and prefetching its slots, then its entries, lets the misses of
 # one batch overlap instead of queueing one after another. Hints only: a
-# packet that is not plain IPv4 TCP/UDP, or a slot that is not its flow's,
-# costs a wasted prefetch, never a wrong answer.
-cdef inline uint64_t peek_hash(const uint8_t *p, Py_ssize_t n) noexcept nogil:
-    """flow_hash of the packet's key, or 0 when it has none worth fetching
-    (a key hashing to 0 merely goes without its prefetch)."""
-    cdef flow_key_t k
-    cdef Py_ssize_t ihl
-    if n < IP_MIN_HLEN or (p[IP_VER_IHL] >> 4) != 4:
-        return 0
-    ihl = (p[IP_VER_IHL] & 0x0f) * 4
-    if ihl < IP_MIN_HLEN or n < ihl + 4 or (p[IP_PROTO] != PROTO_TCP and p[IP_PROTO] != PROTO_UDP):
-        return 0
-    k.saddr = ld32(p + IP_SRC)
-    k.daddr = ld32(p + IP_DST)
-    k.sport = ld16(p + ihl + L4_SPORT)
-    k.dport = ld16(p + ihl + L4_DPORT)
-    k.proto = p[IP_PROTO]
-    return flow_hash(&k)
+# slot that is not the packet's flow's costs a wasted prefetch, never a
+# wrong answer.
+cdef inline void ct_prefetch_slot(conntrack_t *ct, uint64_t h) noexcept nogil:
+    """Stage 1, no lock needed: the home slot of a flow hash."""
+    prefetch(&ct.slots[h & ct.mask])
 
-cdef inline void ct_prefetch_slots(conntrack_t *ct, uint8_t *bufs, size_t stride, Py_ssize_t *lens,
-                                   int n, int hdr, uint64_t *hashes) noexcept nogil:
-    """Stage 1, no lock needed: hash each packet, prefetch its home slot."""
-    cdef int i
-    for i in range(n):
-        hashes[i] = peek_hash(bufs + <size_t>i * stride + hdr, lens[i] - hdr)
-        if hashes[i]:
-            prefetch(&ct.slots[hashes[i] & ct.mask])
-
-cdef inline void ct_prefetch_entries(conntrack_t *ct, uint64_t *hashes, int n) noexcept nogil:
+cdef inline void ct_prefetch_entries(conntrack_t *ct, const pkt_t *pkts, int n) noexcept nogil:
     """Stage 2, under the lock: the entry named by a home slot whose tag fits."""
     cdef int i
-    cdef uint64_t s
+    cdef uint64_t s, h
     cdef ct_entry_t *e
     for i in range(n):
-        if hashes[i]:
-            s = ct.slots[hashes[i] & ct.mask]
-            if s != 0 and (s >> 32) == (hashes[i] >> 32):
+        h = pkts[i].hash
+        if h:
+            s = ct.slots[h & ct.mask]
+            if s != 0 and (s >> 32) == (h >> 32):
                 e = &ct.entries[(<uint32_t>(s & 0xffffffffU) - 1) >> 1]
                 prefetch_w(e)
                 prefetch_w(<uint8_t *>e + sizeof(ct_entry_t) - 1)    # 48-byte entries straddle lines
@@ -201,6 +111,11 @@ cdef inline void ct_index_add(conntrack_t *ct, uint32_t ref) noexcept nogil:
     while ct.slots[i] != 0:
         i = (i + 1) & ct.mask
     ct.slots[i] = ((h >> 32) << 32) | (<uint64_t>ref + 1)
+
+cdef inline void ct_index_flow(conntrack_t *ct, uint32_t id) noexcept nogil:
+    """Indexes entry id (both keys set): both directions find it."""
+    ct_index_add(ct, id * 2)
+    ct_index_add(ct, id * 2 + 1)
 
 cdef inline void ct_index_del(conntrack_t *ct, uint32_t ref) noexcept nogil:
     cdef uint64_t h = flow_hash(&ct.entries[ref >> 1].key[ref & 1])
@@ -279,3 +194,30 @@ cdef inline uint32_t ct_sweep(conntrack_t *ct, uint32_t now, uint32_t budget) no
             ct_remove(ct, id)
             removed += 1
     return removed
+
+
+cdef inline uint8_t tcp_next_state(uint8_t st, uint8_t *fl, int dir, uint8_t th) noexcept nogil:
+    """The TCP state after a packet with flags th in direction dir; FINs seen
+    are kept in *fl."""
+    if th & TH_RST:
+        return CT_CLOSE
+    if th & TH_FIN:
+        fl[0] |= CTF_FIN_ORIG if dir == DIR_ORIG else CTF_FIN_REPLY
+    if st == CT_SYN_SENT:
+        if dir == DIR_REPLY and (th & (TH_SYN | TH_ACK)) == (TH_SYN | TH_ACK):
+            return CT_SYN_RECV
+        return st
+    if st == CT_SYN_RECV:
+        if dir == DIR_ORIG and (th & TH_ACK) and not (th & TH_SYN):
+            st = CT_ESTABLISHED     # and go on: the ACK may carry a FIN
+        else:
+            return st
+    if st == CT_CLOSE:
+        return st
+    if (fl[0] & (CTF_FIN_ORIG | CTF_FIN_REPLY)) == (CTF_FIN_ORIG | CTF_FIN_REPLY):
+        return CT_TIME_WAIT
+    if fl[0] & CTF_FIN_ORIG:
+        return CT_FIN_WAIT
+    if fl[0] & CTF_FIN_REPLY:
+        return CT_CLOSE_WAIT
+    return st

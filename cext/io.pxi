@@ -10,21 +10,13 @@ cdef enum:
 
 
 cdef class IOWorker:
-    cdef Dataplane dp
-    cdef uint8_t *bufs
-    cdef Py_ssize_t *lens
-    cdef uint8_t *verdicts
-    cdef uint64_t *hashes       # per packet of a batch: flow hash, then (at + batch) service slot: prefetch stages
-    cdef int batch
-    cdef int hdr                # VNET_HDR_LEN when the TUN has IFF_VNET_HDR, else 0
-    cdef uint64_t tx[3]         # packets, bytes, write errors (per worker: no lock)
-    cdef readonly uint64_t rx_packets   # read from this worker's queue
 
     def __cinit__(self):
         self.bufs = NULL
         self.lens = NULL
         self.verdicts = NULL
-        self.hashes = NULL
+        self.pkts = NULL
+        self.rows = NULL
 
     def __init__(self, Dataplane dp not None, bint vnet=False, int batch=0):
         self.dp = dp
@@ -33,8 +25,9 @@ cdef class IOWorker:
         self.bufs = <uint8_t *>malloc(<size_t>self.batch * IO_SLOT)
         self.lens = <Py_ssize_t *>calloc(self.batch, sizeof(Py_ssize_t))
         self.verdicts = <uint8_t *>calloc(self.batch, 1)
-        self.hashes = <uint64_t *>calloc(self.batch * 2, sizeof(uint64_t))     # then svs
-        if not self.bufs or not self.lens or not self.verdicts or not self.hashes:
+        self.pkts = <pkt_t *>calloc(self.batch, sizeof(pkt_t))
+        self.rows = <uint64_t *>calloc(self.batch, sizeof(uint64_t))
+        if not self.bufs or not self.lens or not self.verdicts or not self.pkts or not self.rows:
             raise MemoryError()
         self.tx[0] = self.tx[1] = self.tx[2] = 0
         self.rx_packets = 0
@@ -44,7 +37,8 @@ cdef class IOWorker:
         free(self.bufs)
         free(self.lens)
         free(self.verdicts)
-        free(self.hashes)
+        free(self.pkts)
+        free(self.rows)
 
     def run(self, int fd, int timeout_ms=100):
         """Wait for fd, then batches: read up to `batch` packets, process
@@ -82,23 +76,20 @@ cdef class IOWorker:
                     break
                 clock_gettime(CLOCK_MONOTONIC, &ts)
                 now = <uint32_t>ts.tv_sec
-                if dp.batch_prefetch:
-                    dp.stage_flows(t, self.bufs, IO_SLOT, self.lens, n, hdr, self.hashes, self.hashes + self.batch)
-                else:
-                    memset(self.hashes, 0, n * sizeof(uint64_t))
+                stage_parse(dp, t, self.bufs, IO_SLOT, self.lens, n, hdr, self.pkts, self.rows)
                 PyThread_acquire_lock(dp.lock, WAIT_LOCK)
                 if dp.batch_prefetch:
-                    dp.stage_entries(t, self.hashes, self.hashes + self.batch, n)
+                    stage_entries(dp, t, self.pkts, self.rows, n)
                 for i in range(n):
                     slot = self.bufs + <size_t>i * IO_SLOT
                     partial = hdr != 0 and (slot[0] & VNET_F_NEEDS_CSUM) != 0
                     outlen = 0
-                    v = dp.process_one(t, slot + hdr, self.lens[i] - hdr, now, &outlen, partial, self.hashes[i]) & 0xff
+                    v = process_one(dp, t, &self.pkts[i], now, &outlen, partial) & 0xff
                     if v == V_REPLY and hdr:
                         memset(slot, 0, hdr)     # our own packet: no offload asked
                     self.verdicts[i] = v
                     self.lens[i] = outlen + hdr
-                ct_sweep(&dp.ct, now, 64)
+                dp.cnt[C_FLOWS_EXPIRED] += ct_sweep(&dp.ct, now, 64)
                 PyThread_release_lock(dp.lock)
                 for i in range(n):
                     if self.verdicts[i] != V_DROP:

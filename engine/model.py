@@ -10,6 +10,9 @@ from typing import Optional, Union
 
 PROTOCOLS = {"TCP": 6, "UDP": 17}
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
+# New-flow schedulers, by the ids the fast path knows them by: random as
+# kube-proxy's iptables/nftables modes, the rest IPVS's names.
+SCHEDULERS = ("random", "rr", "lc", "sh", "mh")
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ rules. What is not observable (the flow index and the service lookup) is
 replaced by the obvious Python thing: dicts of tuples.
 
 Where the C code would crash or hang on an argument it does not check
-(maglev_table with a size < 2 or one that is not prime; import_flows with
-an id map value that is not a uint32) this module raises instead.
+(maglev_table with a size < 2 or one that is not prime) this module raises
+instead.
 
 Addresses and ports are host-order ints throughout; checksums are computed on
 big-endian 16-bit words, which gives the same bytes as the C code's
@@ -31,8 +31,8 @@ import struct
 import time
 
 __all__ = ["Tables", "Dataplane", "DROP_REASONS", "COUNTERS", "SERVICE_COUNTERS",
-           "STATE_NAMES", "DEFAULT_TIMEOUTS", "MAGLEV_SIZE", "ENTRY_BYTES", "maglev_table",
-           "mix64", "monotonic"]
+           "STATE_NAMES", "DEFAULT_TIMEOUTS", "MAGLEV_SIZE", "ENTRY_BYTES", "SCHEDULER_IDS",
+           "PROTOCOLS", "maglev_table", "mix64", "monotonic"]
 
 # --- header offsets (RFC 791, 793, 768, 792) ---------------------------------
 
@@ -68,6 +68,7 @@ ICMP_HLEN = 8
 PROTO_ICMP = 1
 PROTO_TCP = 6
 PROTO_UDP = 17
+PROTOCOLS = {"TCP": PROTO_TCP, "UDP": PROTO_UDP}     # those a service port may have
 
 TH_FIN = 0x01
 TH_SYN = 0x02
@@ -88,18 +89,21 @@ DROP_REASONS = ("none", "malformed", "unsupported", "fragment", "no_service",
                 "spoofed", "source_denied", "martian", "icmp_rate")
 
 COUNTERS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "flows_created",
-            "flows_expired", "flows_evicted", "rejects", "write_errors", "drops")
+            "flows_expired", "flows_evicted", "rejects", "write_errors", "drops",
+            "flows_refused")
 
 # Per-service counters, one row per stable service id
 SERVICE_COUNTERS = ("packets", "bytes", "flows", "rejects", "denied")
 S_PACKETS, S_BYTES, S_FLOWS, S_REJECTS, S_DENIED = range(5)
 
-# Schedulers (IPVS names); compiler.SCHEDULER_IDS must agree.
+# Schedulers (IPVS names), in the order engine/model.py lists the names
 SCHED_RANDOM = 0            # kube-proxy iptables/nftables mode
 SCHED_RR = 1                # round robin
 SCHED_LC = 2                # fewest active flows
 SCHED_SH = 3                # source (client address) hash
 SCHED_MH = 4                # Maglev hashing on client address and port
+SCHEDULER_IDS = {"random": SCHED_RANDOM, "rr": SCHED_RR, "lc": SCHED_LC, "sh": SCHED_SH,
+                 "mh": SCHED_MH}
 
 MAGLEV_SIZE = 65537         # prime; > 100 x backends keeps the spread within 1%
 MAGLEV_MAX_BACKENDS = 65534 # 0xffff marks a free ring slot while filling
@@ -297,10 +301,10 @@ def _in_cidrs(addr, cidrs):
     return any(addr & mask == net for net, mask in cidrs)
 
 
-class _Svc:
+class _SvcPort:
     """One service port: what a new flow to (vip, port, proto) may go to."""
     __slots__ = ("index", "name", "vip", "port", "proto", "backends",
-                 "source_ranges", "scheduler", "nodeport", "id", "affinity_timeout",
+                 "source_ranges", "scheduler", "id", "affinity_timeout",
                  "rr", "ring")
 
     def __init__(self, index, s, first_backend):
@@ -312,7 +316,6 @@ class _Svc:
         self.port = _uint(s["port"], 16, "port")
         self.proto = _uint(s["proto"], 8, "proto")
         self.scheduler = _uint(s.get("scheduler", 0), 32, "scheduler")
-        self.nodeport = bool(s.get("nodeport"))
         self.id = _uint(s.get("id", index), 32, "id")       # stable service id
         self.affinity_timeout = _uint(s.get("affinity_timeout", 0), 32, "affinity_timeout")
         self.rr = 0                                         # round-robin cursor
@@ -332,10 +335,10 @@ class Tables:
     """One generation of compiled service tables (immutable once built)."""
 
     def __init__(self, services, vips=(), drop_cidrs=(), node_addrs=()):
-        """services: sequence of dicts with keys
+        """services: sequence of dicts (one per service port) with keys
              name, vip (int, host order; 0 for a node port), port, proto (6/17),
              backends [(addr int, port[, stable id])], source_ranges [(net int, prefixlen)],
-             scheduler (int), nodeport (bool), id (stable service id; default: the index),
+             scheduler (int: SCHEDULER_IDS), id (stable service-port id; default: the row),
              affinity_timeout (seconds; 0 = no session affinity)
            vips: addresses (int) that are live service addresses
            drop_cidrs: [(net int, prefixlen)] where unallocated addresses are dropped
@@ -343,19 +346,19 @@ class Tables:
         """
         services = list(services)
         self._names = [s["name"] for s in services]
-        self.svcs = []
+        self.svcports = []
         nb = 0
         for i, s in enumerate(services):
-            sv = _Svc(i, s, nb)
+            sv = _SvcPort(i, s, nb)
             nb += len(sv.backends)
-            self.svcs.append(sv)
+            self.svcports.append(sv)
         # largest service / backend id + 1: Dataplane.swap holds these
         # against max_services / max_backends
-        self.max_id = max([0] + [sv.id + 1 for sv in self.svcs])
-        self.max_bid = max([0] + [b[2] + 1 for sv in self.svcs for b in sv.backends])
+        self.max_id = max([0] + [sv.id + 1 for sv in self.svcports])
+        self.max_bid = max([0] + [b[2] + 1 for sv in self.svcports for b in sv.backends])
         # (vip, port, proto) -> service port
         self.by_key = {}
-        for sv in self.svcs:
+        for sv in self.svcports:
             key = (sv.vip, sv.port, sv.proto)
             if key in self.by_key:
                 raise ValueError(f"duplicate service key {sv.name}")
@@ -372,21 +375,21 @@ class Tables:
 
     @property
     def size(self):
-        return len(self.svcs)
+        return len(self.svcports)
 
     def with_backends(self, changes):
         """A new generation equal to this one but for the backends of the rows
         in changes ({row index: [(addr, port[, id])]}). Untouched rows keep
         their backends, ids and round-robin cursors, as the C copy does."""
         for i, rows in changes.items():
-            if not 0 <= i < len(self.svcs):
+            if not 0 <= i < len(self.svcports):
                 raise ValueError(f"no row {i}")
-            if self.svcs[i].scheduler == SCHED_MH and len(rows) > MAGLEV_MAX_BACKENDS:
-                raise ValueError(f"{self.svcs[i].name}: Maglev takes at most 65534 backends")
+            if self.svcports[i].scheduler == SCHED_MH and len(rows) > MAGLEV_MAX_BACKENDS:
+                raise ValueError(f"{self.svcports[i].name}: Maglev takes at most 65534 backends")
         t = copy.copy(self)
-        t.svcs = []
+        t.svcports = []
         nb = 0
-        for i, sv in enumerate(self.svcs):
+        for i, sv in enumerate(self.svcports):
             sv = copy.copy(sv)
             rows = changes.get(i)
             if rows is not None:
@@ -399,9 +402,9 @@ class Tables:
                 sv.ring = _maglev_ring([(a, p) for a, p, _ in sv.backends]) \
                     if sv.scheduler == SCHED_MH and sv.backends else None
             nb += len(sv.backends)
-            t.svcs.append(sv)
-        t.max_bid = max([self.max_bid] + [b[2] + 1 for sv in t.svcs for b in sv.backends])
-        t.by_key = {(sv.vip, sv.port, sv.proto): sv for sv in t.svcs}
+            t.svcports.append(sv)
+        t.max_bid = max([self.max_bid] + [b[2] + 1 for sv in t.svcports for b in sv.backends])
+        t.by_key = {(sv.vip, sv.port, sv.proto): sv for sv in t.svcports}
         return t
 
     def lookup(self, addr, port, proto):
@@ -452,12 +455,12 @@ def tcp_next_state(st, flags, direction, th):
 class _Flow:
     """A tracked flow: both tuples, (saddr, daddr, sport, dport, proto).
     key[DIR_ORIG]: client -> VIP; key[DIR_REPLY]: backend -> masquerade address.
-    svc: stable service id (stats); backend: stable backend id (active flows)."""
-    __slots__ = ("key", "expires", "svc", "backend", "state", "flags")
+    svcport: stable service-port id (stats); backend: stable backend id (active flows)."""
+    __slots__ = ("key", "expires", "svcport", "backend", "state", "flags")
 
     def __init__(self, orig, reply, svc, backend, state, expires):
         self.key = (orig, reply)
-        self.svc = svc
+        self.svcport = svc
         self.backend = backend
         self.state = state
         self.flags = 0
@@ -614,7 +617,16 @@ class Dataplane:
     """Conntrack + NAT over compiled Tables."""
 
     batch_prefetch = True       # a cache hint of the C path: no effect here
-    steer_queues = 1            # masquerade ports congruent to client ports modulo this
+    tun_queues = 1              # masquerade ports congruent to client ports modulo this
+
+    @property
+    def steer_queues(self):
+        """The former name of tun_queues (kept while engine/ still uses it)."""
+        return self.tun_queues
+
+    @steer_queues.setter
+    def steer_queues(self, q):
+        self.tun_queues = _uint(q, 32, "steer_queues")
 
     def __init__(self, masquerade_ip, max_flows=262144, batch=64, seed=0x9E3779B9,
                  port_range=(1024, 65535), timeouts=None, tables=None,
@@ -630,7 +642,7 @@ class Dataplane:
         self.max_services = _uint(max_services, 32, "max_services")
         self.icmp_rate = self.icmp_tokens = _uint(icmp_rate, 32, "icmp_rate")
         self.icmp_second = U32
-        self.svc_stats = {}                 # stable service id -> [5 counters]
+        self.svcport_stats = {}             # stable service-port id -> [5 counters]
         # sessionAffinity: ClientIP. Slot index -> [svc id + 1 (0: empty),
         # client (raw), backend addr, backend port, expires]; absent: empty.
         asize = 16
@@ -697,9 +709,9 @@ class Dataplane:
         return ("reply", "none", build_port_unreachable(p, tot))
 
     def _stat(self, svc, what, n=1):
-        row = self.svc_stats.get(svc)
+        row = self.svcport_stats.get(svc)
         if row is None:
-            row = self.svc_stats[svc] = [0] * len(SERVICE_COUNTERS)
+            row = self.svcport_stats[svc] = [0] * len(SERVICE_COUNTERS)
         row[what] += n
 
     def _unmatched(self, t, daddr):
@@ -780,8 +792,8 @@ class Dataplane:
             elif direction == DIR_REPLY:
                 e.state = CT_UDP_ASSURED
             e.expires = (now + self.timeouts[e.state]) & U32
-            self._stat(e.svc, S_PACKETS)
-            self._stat(e.svc, S_BYTES, tot)
+            self._stat(e.svcport, S_PACKETS)
+            self._stat(e.svcport, S_BYTES, tot)
             return ("forward", "none", bytes(p[:tot]))
 
         # 3. a new flow: which service? (address 0 is the node-port key: it
@@ -808,7 +820,7 @@ class Dataplane:
 
         # 4. scheduler, then a free SNAT port for the reply tuple
         baddr, bport, bid = self._schedule(sv, raw32(saddr), raw16(sport), now)
-        q = self.steer_queues or 1
+        q = self.tun_queues or 1
         first = self.port_lo + (sport % q + q - self.port_lo % q) % q
         count = (self.port_lo + self.port_range - 1 - first) // q + 1 if first < self.port_lo + self.port_range else 0
         if count == 0:
@@ -986,8 +998,8 @@ class Dataplane:
         c = csum_replace4(c, odst, ks)
         struct.pack_into("!I", p, IP_DST, ks)
         struct.pack_into("!H", p, IP_CSUM, c)
-        self._stat(e.svc, S_PACKETS)
-        self._stat(e.svc, S_BYTES, tot)
+        self._stat(e.svcport, S_PACKETS)
+        self._stat(e.svcport, S_BYTES, tot)
         return ("forward", "none", bytes(p[:tot]))
 
     def process(self, pkt, now, partial=False):
@@ -1028,7 +1040,7 @@ class Dataplane:
         for i in ids:
             if not 0 <= i < self.max_services:
                 raise ValueError(f"service id {i} out of range")
-            out[i] = dict(zip(SERVICE_COUNTERS, self.svc_stats.get(i, zero)))
+            out[i] = dict(zip(SERVICE_COUNTERS, self.svcport_stats.get(i, zero)))
         return out
 
     def active_flows(self, backend_id):
@@ -1053,7 +1065,7 @@ class Dataplane:
                 "timeout": (e.expires - tnow) & U32,
                 "orig": _key_tuple(e.key[DIR_ORIG]),
                 "reply": _key_tuple(e.key[DIR_REPLY]),
-                "svc": e.svc,
+                "svc": e.svcport,
                 "backend": e.backend,
             })
         return out
@@ -1083,15 +1095,18 @@ class Dataplane:
             if e is None or e.expires <= tnow:
                 continue
             rec = b"".join(_KEY.pack(*k[:4]) + _KEY_TAIL.pack(k[4], 4, 0) for k in e.key)
-            out.append(rec + _ENTRY_TAIL.pack((e.expires - tnow) & U32, e.svc, e.backend,
+            out.append(rec + _ENTRY_TAIL.pack((e.expires - tnow) & U32, e.svcport, e.backend,
                                               e.state, e.flags, self.ct.pads.get(fid, 0)))
         return b"".join(out)
 
     def import_flows(self, data, now=-1, svc_ids=None, backend_ids=None, elapsed=0):
         """Insert flows from export_flows(); ids are mapped old -> new (an
-        unknown service counts into the last id, an unknown backend into
-        none). Records that are malformed, expired or clash with a flow
-        already here are skipped. Returns how many were taken."""
+        unknown service port counts into the last id, an unknown backend into
+        none). A record that is malformed, or whose id maps to one out of
+        range (a service port >= max_services, a backend >= max_backends, or
+        not an int >= 0), is refused and counted (counters()["flows_refused"]);
+        one that expired or clashes with a flow already here is skipped.
+        Returns how many were taken."""
         data = memoryview(data).cast("B")
         elapsed = _uint(elapsed, 32, "elapsed")
         if svc_ids is not None and not isinstance(svc_ids, dict) \
@@ -1112,19 +1127,23 @@ class Dataplane:
                 saddr, daddr, sport, dport = _KEY.unpack_from(data, half)
                 keys.append((saddr, daddr, sport, dport, data[half + 12]))
             expires, svc, backend, state, flags, pad = _ENTRY_TAIL.unpack_from(data, off + 32)
-            if (state == CT_FREE or state >= len(STATE_NAMES) or expires <= elapsed
+            if (state == CT_FREE or state >= len(STATE_NAMES)
                     or keys[0][4] != keys[1][4] or keys[0][4] not in (PROTO_TCP, PROTO_UDP)):
+                self.cnt["flows_refused"] += 1
+                continue
+            if expires <= elapsed:
                 continue
             if ct.find(keys[0]) is not None or ct.find(keys[1]) is not None:
                 continue
+            svc = svc_ids.get(svc, self.max_services - 1)
+            backend = backend_ids.get(backend)          # None: no backend
+            if not _is_id(svc, self.max_services) or (backend is not None and not _is_id(backend, ct.nactive)):
+                self.cnt["flows_refused"] += 1
+                continue
+            if backend is None:
+                backend = U32
             if not ct.free_ids:
                 break
-            # (the C code converts the mapped ids after taking the entry, so a
-            # bad id there leaves a half-made entry behind; here it is checked first)
-            svc = _uint(svc_ids.get(svc, (self.max_services - 1) & U32), 32, "svc")
-            backend = _uint(backend_ids.get(backend, U32), 32, "backend")
-            if svc >= self.max_services:
-                svc = (self.max_services - 1) & U32
             fid, _ = ct.alloc(tnow)
             e = _Flow(keys[0], keys[1], svc, backend, state,
                       (tnow + expires - elapsed) & U32)
@@ -1145,6 +1164,10 @@ class Dataplane:
         r = self.ct.sweep(int(now) & U32, budget)
         self.cnt["flows_expired"] += r
         return r
+
+
+def _is_id(v, limit):
+    return isinstance(v, int) and 0 <= v < limit
 
 
 def _key_tuple(k):

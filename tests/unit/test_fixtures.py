@@ -12,7 +12,7 @@ from hypothesis import given, settings, HealthCheck
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 
-from engine import _fastpath, refpath
+from engine import _fastpath, model, refpath
 from packets import (BACKENDS, CLIENT, FIXTURES, LB_IP, MASQ, NODE, OUTSIDE, T0,
                      UNALLOCATED, VIP, VIP_MULTI, VIP_NOEP, VIP_ONE, VIP_TWO,
                      as_partial, default_tables, ip, run_fixture, tcp, udp, verify_checksums,
@@ -44,13 +44,22 @@ def test_fixture_same_bytes(fx):
     assert c_flows == r_flows
 
 
+def test_vocabulary_is_model_s():
+    """The schedulers and protocol numbers compiled into the fast path (its
+    C enums) and the reference's are engine/model.py's, in its order."""
+    want = {name: i for i, name in enumerate(model.SCHEDULERS)}
+    assert _fastpath.SCHEDULER_IDS == refpath.SCHEDULER_IDS == want
+    assert list(_fastpath.SCHEDULER_IDS) == list(model.SCHEDULERS)
+    assert _fastpath.PROTOCOLS == refpath.PROTOCOLS == model.PROTOCOLS
+
+
 def test_exported_names_match():
     for name in ("DROP_REASONS", "COUNTERS", "SERVICE_COUNTERS", "STATE_NAMES",
-                 "DEFAULT_TIMEOUTS", "MAGLEV_SIZE"):
+                 "DEFAULT_TIMEOUTS", "MAGLEV_SIZE", "SCHEDULER_IDS", "PROTOCOLS"):
         assert getattr(refpath, name) == getattr(_fastpath, name), name
     for cls in ("Dataplane", "Tables"):
         public = {n for n in dir(getattr(_fastpath, cls)) if not n.startswith("_")}
-        public -= {"run_io", "queue_packets"}   # TUN I/O: the C module's alone
+        public -= {"queue_packets"}             # TUN I/O: the C module's alone
         missing = public - set(dir(getattr(refpath, cls)))
         assert not missing, f"refpath.{cls} lacks {missing}"
     assert callable(refpath.maglev_table) and callable(refpath.monotonic)
@@ -443,6 +452,35 @@ def test_export_import_same_bytes():
         junk[48 + 12] = 1                                           # ICMP
         assert dp.import_flows(bytes(junk), now) == 1
         assert dp.import_flows(snaps[0], now) == 3                  # room for three more only
+
+
+@pytest.mark.parametrize("mod", MODULES)
+def test_import_refuses_ids_out_of_range(mod):
+    """A snapshot record whose id maps out of range (a backend id >=
+    max_backends, a negative or too large service-port id, not an int) is
+    refused and counted, on both; an unknown id still maps to the defaults
+    (the last service-port id, no backend)."""
+    src = mod.Dataplane(ip(MASQ), tables=mod.Tables(**default_tables()), max_flows=16)
+    for sport in (30001, 30002, 30003, 30004, 30005, 30006):
+        assert src.process(bytes(tcp("S", sport=sport)), T0)[0] == "forward"
+    snap = src.export_flows(T0)
+    E = mod.ENTRY_BYTES
+    recs = [snap[k:k + E] for k in range(0, len(snap), E)]
+    ids = [(f["svc"], f["backend"]) for f in src.flows(T0)]        # export_flows' order
+    cases = [({}, {ids[0][1]: 16}), ({}, {ids[1][1]: -1}), ({ids[2][0]: -1}, {}), ({ids[3][0]: 8}, {}),
+             ({ids[4][0]: "3"}, {}), ({}, {ids[5][1]: 2.0})]
+    for rec, (svc_ids, backend_ids) in zip(recs, cases):
+        dp = mod.Dataplane(ip(MASQ), max_flows=16, max_services=8, max_backends=16)
+        assert dp.import_flows(rec, T0, svc_ids=svc_ids, backend_ids=backend_ids) == 0, (svc_ids, backend_ids)
+        assert dp.counters()["flows_refused"] == 1 and dp.counters()["flows"] == 0
+        assert dp.active_flows(15) == 0
+    dp = mod.Dataplane(ip(MASQ), max_flows=16, max_services=8, max_backends=16)
+    assert dp.import_flows(recs[0], T0, svc_ids={}, backend_ids={ids[0][1]: 15}) == 1
+    assert dp.import_flows(recs[1], T0, svc_ids={ids[1][0]: 7}, backend_ids={}) == 1
+    assert dp.counters()["flows_refused"] == 0
+    got = {f["orig"][1]: (f["svc"], f["backend"]) for f in dp.flows(T0)}
+    assert got == {30001: (7, 15), 30002: (7, 0xffffffff)}
+    assert dp.active_flows(15) == 1
 
 
 def test_export_spans_lock_chunks():

@@ -314,3 +314,32 @@ def test_ioworker_batches_of_fuzzed_packets(vnet):
     finally:
         a.close()
         b.close()
+
+
+def test_ioworker_sweep_counts_expired_flows():
+    """The I/O loop sweeps a few flow entries a batch: the flows it removes
+    count in flows_expired, as those expire() and a lookup remove do."""
+    import socket
+    targs = fuzz.table_args()
+    dp = _fastpath.Dataplane(fuzz.MASQ, tables=_fastpath.Tables(**targs), max_flows=32,
+                             timeouts=dict.fromkeys(_fastpath.DEFAULT_TIMEOUTS, 1))
+    io = _fastpath.IOWorker(dp)
+    gen = fuzz.Generator(__import__("random").Random(5))
+    then = max(0.0, _fastpath.monotonic() - 10)
+    opened = 0
+    while opened < 5:                       # flows opened 10 s ago: expired by now
+        pkt, _ = gen.next()
+        if pkt and dp.process(pkt, then)[0] == "forward" and dp.counters()["flows"] > opened:
+            opened = dp.counters()["flows"]
+    assert dp.counters()["flows_expired"] == 0
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    b.setblocking(False)
+    try:
+        a.send(b"\x45" + bytes(3))          # one packet (malformed) for a batch to run
+        assert io.run(b.fileno(), 1000) == 1
+    finally:
+        a.close()
+        b.close()
+    c = dp.counters()
+    assert c["flows"] == 0
+    assert c["flows_expired"] == opened
