@@ -16,6 +16,7 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
+from engine.lab import packets  # noqa: E402
 
 
 # --- command line ----------------------------------------------------------------
@@ -121,41 +122,14 @@ def write_json(path, data):
 TH_FIN, TH_SYN, TH_RST, TH_PSH, TH_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 
 
-def _sum16(b):
-    if len(b) % 2:
-        b += b"\0"
-    return sum(struct.unpack("!%dH" % (len(b) // 2), b))
-
-
-def _fold(s):
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
-
-
 def tcp_packet(src, sport, dst, dport, flags, payload=b"", seq=1, ack=0):
     """IPv4 + TCP (no options) with valid checksums; addresses as host-order ints."""
-    tcp_len = 20 + len(payload)
-    tot = 20 + tcp_len
-    iph = struct.pack("!BBHHHBBHII", 0x45, 0, tot, 0, 0x4000, 64, 6, 0, src, dst)
-    iph = iph[:10] + struct.pack("!H", ~_fold(_sum16(iph)) & 0xFFFF) + iph[12:]
-    th = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, 65535, 0, 0) + payload
-    pseudo = struct.pack("!IIBBH", src, dst, 0, 6, tcp_len)
-    c = ~_fold(_sum16(pseudo) + _sum16(th)) & 0xFFFF
-    th = th[:16] + struct.pack("!H", c) + th[18:]
-    return iph + th
+    return packets.tcp(src, dst, sport, dport, flags, seq=seq, ack=ack, payload=payload,
+                       window=65535, ident=0)
 
 
 def udp_packet(src, sport, dst, dport, payload=b"x" * 18):
-    ulen = 8 + len(payload)
-    tot = 20 + ulen
-    iph = struct.pack("!BBHHHBBHII", 0x45, 0, tot, 0, 0x4000, 64, 17, 0, src, dst)
-    iph = iph[:10] + struct.pack("!H", ~_fold(_sum16(iph)) & 0xFFFF) + iph[12:]
-    uh = struct.pack("!HHHH", sport, dport, ulen, 0) + payload
-    pseudo = struct.pack("!IIBBH", src, dst, 0, 17, ulen)
-    c = ~_fold(_sum16(pseudo) + _sum16(uh)) & 0xFFFF
-    uh = uh[:6] + struct.pack("!H", c or 0xFFFF) + uh[8:]
-    return iph + uh
+    return packets.udp(src, dst, sport, dport, payload=payload, ident=0)
 
 
 class TcpFactory:
@@ -168,9 +142,9 @@ class TcpFactory:
         tmpl = bytearray(tcp_packet(0, 0, dst, dport, flags, payload))
         tmpl[10:12] = b"\0\0"
         tmpl[36:38] = b"\0\0"
-        self.ip_base = _sum16(bytes(tmpl[:20]))                     # src = 0
+        self.ip_base = packets.sum16(bytes(tmpl[:20]))                     # src = 0
         tcp_len = len(tmpl) - 20
-        self.tcp_base = _sum16(struct.pack("!IIBBH", 0, dst, 0, 6, tcp_len)) + _sum16(bytes(tmpl[20:]))
+        self.tcp_base = packets.sum16(struct.pack("!IIBBH", 0, dst, 0, 6, tcp_len)) + packets.sum16(bytes(tmpl[20:]))
         self.head = bytes(tmpl[:10])
         self.mid = bytes(tmpl[16:20])          # dst
         self.tail = bytes(tmpl[22:36])         # dport .. urg-less: from dport to before csum
@@ -178,8 +152,8 @@ class TcpFactory:
 
     def make(self, src, sport):
         s_src = (src >> 16) + (src & 0xFFFF)
-        ipc = ~_fold(self.ip_base + s_src) & 0xFFFF
-        tc = ~_fold(self.tcp_base + s_src + sport) & 0xFFFF
+        ipc = ~packets.fold(self.ip_base + s_src) & 0xFFFF
+        tc = ~packets.fold(self.tcp_base + s_src + sport) & 0xFFFF
         return b"".join((self.head, struct.pack("!HI", ipc, src), self.mid,
                          struct.pack("!H", sport), self.tail, struct.pack("!H", tc), self.rest))
 

@@ -51,7 +51,14 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEBUG_BUILD_LIB = "/tmp/engine-debug-build"
 DEBUG_BUILD_TEMP = "/tmp/engine-debug-tmp"
-_LITTLE = sys.byteorder == "little"
+
+# which engine: the debug build a parent made (--use-build DIR), else this checkout's
+if __name__ == "__main__":
+    for _p in (REPO_ROOT, sys.argv[sys.argv.index("--use-build") + 1] if "--use-build" in sys.argv else None):
+        if _p and _p not in sys.path:
+            sys.path.insert(0, _p)
+from engine.lab.packets import (be16, be32, csum_ok, fix_ip_csum, fix_l4_csum, icmp, ipv4,  # noqa: E402
+                                pseudo, pseudo_sum, tcp, to_partial, udp)
 
 
 # --- addresses -------------------------------------------------------------------
@@ -127,122 +134,9 @@ def table_args():
     )
 
 
-# --- checksums -----------------------------------------------------------------------
-
-def sum16(data):
-    """Folded one's complement sum of data as big-endian words."""
-    if len(data) & 1:
-        data = bytes(data) + b"\0"
-    s = sum(memoryview(bytes(data)).cast("H"))
-    while s >> 16:
-        s = (s & 0xffff) + (s >> 16)
-    return ((s & 0xff) << 8) | (s >> 8) if _LITTLE else s
-
-
-def csum(data):
-    return ~sum16(data) & 0xffff
-
-
-def csum_ok(data):
-    return sum16(data) == 0xffff
-
-
-def be16(b, off):
-    return (b[off] << 8) | b[off + 1]
-
-
-def be32(b, off):
-    return int.from_bytes(b[off:off + 4], "big")
-
-
-def pseudo(src, dst, proto, length):
-    return struct.pack("!IIBBH", src, dst, 0, proto, length & 0xffff)
-
-
-def pseudo_sum(src, dst, proto, length):
-    """Folded, uncomplemented pseudo-header sum (CHECKSUM_PARTIAL's L4 field)."""
-    return sum16(pseudo(src, dst, proto, length))
-
-
 def same_ones(a, b):
     """Equal as one's complement numbers (0 and 0xffff are both zero)."""
     return a == b or {a, b} == {0, 0xffff}
-
-
-# --- builders ------------------------------------------------------------------------
-
-def ipv4(src, dst, proto, payload, ttl=64, ident=1, frag=0x4000, tos=0, options=b""):
-    options = options + b"\0" * (-len(options) % 4)
-    ihl = 5 + len(options) // 4
-    hdr = bytearray(struct.pack("!BBHHHBBHII", 0x40 | ihl, tos, ihl * 4 + len(payload), ident, frag,
-                                ttl, proto, 0, src, dst) + options)
-    struct.pack_into("!H", hdr, 10, csum(hdr))
-    return bytes(hdr) + payload
-
-
-def tcp(src, dst, sport, dport, flags, seq=1000, ack=0, payload=b"", options=b"", **ipkw):
-    options = options + b"\1" * (-len(options) % 4)
-    doff = 5 + len(options) // 4
-    h = bytearray(struct.pack("!HHIIBBHHH", sport, dport, seq, ack, doff << 4, flags, 64240, 0, 0)
-                  + options + payload)
-    struct.pack_into("!H", h, 16, csum(pseudo(src, dst, 6, len(h)) + h))
-    return ipv4(src, dst, 6, bytes(h), **ipkw)
-
-
-def udp(src, dst, sport, dport, payload=b"query", zero_csum=False, **ipkw):
-    h = bytearray(struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload)
-    if not zero_csum:
-        c = csum(pseudo(src, dst, 17, len(h)) + h)
-        struct.pack_into("!H", h, 6, c or 0xffff)
-    return ipv4(src, dst, 17, bytes(h), **ipkw)
-
-
-def icmp(src, dst, typ, code, rest=b"\0\0\0\0", payload=b"", **ipkw):
-    h = bytearray(struct.pack("!BBH", typ, code, 0) + rest + payload)
-    struct.pack_into("!H", h, 2, csum(h))
-    return ipv4(src, dst, 1, bytes(h), **ipkw)
-
-
-def fix_ip_csum(b):
-    """Recompute the IPv4 header checksum in place where the header fits."""
-    if len(b) >= 20:
-        ihl = (b[0] & 15) * 4
-        if 20 <= ihl <= len(b):
-            b[10] = b[11] = 0
-            struct.pack_into("!H", b, 10, csum(b[:ihl]))
-
-
-def fix_l4_csum(b):
-    """Recompute the TCP/UDP/ICMP checksum in place where the datagram fits."""
-    if len(b) < 20:
-        return
-    ihl, tot, proto = (b[0] & 15) * 4, be16(b, 2), b[9]
-    if ihl < 20 or tot > len(b) or tot < ihl:
-        return
-    src, dst = be32(b, 12), be32(b, 16)
-    l4 = ihl
-    if proto == 6 and tot - ihl >= 20:
-        b[l4 + 16] = b[l4 + 17] = 0
-        struct.pack_into("!H", b, l4 + 16, csum(pseudo(src, dst, 6, tot - ihl) + b[l4:tot]))
-    elif proto == 17 and tot - ihl >= 8:
-        ulen = be16(b, l4 + 4)
-        if 8 <= ulen <= tot - ihl and be16(b, l4 + 6) != 0:
-            b[l4 + 6] = b[l4 + 7] = 0
-            struct.pack_into("!H", b, l4 + 6, csum(pseudo(src, dst, 17, ulen) + b[l4:l4 + ulen]) or 0xffff)
-    elif proto == 1 and tot - ihl >= 4:
-        b[l4 + 2] = b[l4 + 3] = 0
-        struct.pack_into("!H", b, l4 + 2, csum(b[l4:tot]))
-
-
-def to_partial(b):
-    """The L4 checksum field as the kernel leaves it with CHECKSUM_PARTIAL."""
-    b = bytearray(b)
-    ihl, tot, proto = (b[0] & 15) * 4, be16(b, 2), b[9]
-    if proto == 6:
-        struct.pack_into("!H", b, ihl + 16, pseudo_sum(be32(b, 12), be32(b, 16), 6, tot - ihl))
-    elif proto == 17:
-        struct.pack_into("!H", b, ihl + 6, pseudo_sum(be32(b, 12), be32(b, 16), 17, be16(b, ihl + 4)))
-    return bytes(b)
 
 
 # --- what a packet carries, for the checks ----------------------------------------------
@@ -1027,10 +921,6 @@ def main(argv=None):
         env = asan_env() if args.sanitize else None
         return subprocess.call(child, env=env)
 
-    if args.use_build:
-        sys.path.insert(0, args.use_build)
-    elif REPO_ROOT not in sys.path:
-        sys.path.insert(0, REPO_ROOT)
     from engine import _fastpath, refpath
     if args.use_build and not os.path.abspath(_fastpath.__file__).startswith(os.path.abspath(args.use_build)):
         raise SystemExit(f"expected the debug build from {args.use_build}, got {_fastpath.__file__}")

@@ -362,7 +362,6 @@ cdef class Dataplane:
     def current_tables(self):
         return self.tables
 
-
     # -- in memory (tests, benchmarks) ----------------------------------------
 
     def process(self, const uint8_t[:] pkt, double now, bint partial=False):

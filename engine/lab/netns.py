@@ -562,18 +562,10 @@ except OSError as e:
 
 _PING = r"""
 import os, socket, struct, sys, time
+from engine.lab.packets import echo_request
 ip, timeout = sys.argv[1], float(sys.argv[2])
-def csum(b):
-    if len(b) % 2:
-        b += b"\0"
-    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
-    s = (s >> 16) + (s & 0xFFFF)
-    s += s >> 16
-    return ~s & 0xFFFF
 ident = os.getpid() & 0xFFFF
-payload = b"engine-lab-ping"
-hdr = struct.pack("!BBHHH", 8, 0, 0, ident, 1)
-pkt = struct.pack("!BBHHH", 8, 0, csum(hdr + payload), ident, 1) + payload
+pkt = echo_request(ident, 1, b"engine-lab-ping")
 s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
 s.sendto(pkt, (ip, 0))
 deadline = time.monotonic() + timeout

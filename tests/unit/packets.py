@@ -9,16 +9,30 @@ output parsed back with scapy. Every output is also checked for valid IP and
 L4 checksums. Earlier steps establish the state a later step needs.
 
 run_fixture(mod, fixture) runs one fixture against either module; the tests
-run every fixture against both and compare the two byte for byte.
+run every fixture against both and compare the two byte for byte, and both
+against the golden bytes of golden_outputs.json (every step's input and
+expected output, as Katran's expectedOutputPacket): a change made to the
+fast path and the reference alike still shows. After a deliberate change,
+or a new fixture, regenerate that file from the repository root with
+
+    python3 -m tests.unit.packets --write-golden
+
+(it refuses while the fast path and the reference disagree, or a fixture's
+own checks fail) and review its diff.
 """
 import ipaddress
+import json
+import os
 import struct
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_Router_Alert, IPOption_NOP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Packet, Raw
+
+from engine.lab.packets import csum, pseudo_sum
 
 
 def ip(s):
@@ -135,16 +149,6 @@ def echo(dst=VIP, src=CLIENT, id=7, seq=1, load=b"ping", **kw):
     return IP(src=src, dst=dst) / ICMP(id=id, seq=seq, **kw) / Raw(load)
 
 
-def pseudo_sum(src, dst, proto, l4len):
-    """Folded, uncomplemented pseudo-header sum (what CHECKSUM_PARTIAL puts
-    in the L4 checksum field)."""
-    s = sum(struct.unpack("!4H", ipaddress.IPv4Address(src).packed
-                          + ipaddress.IPv4Address(dst).packed)) + proto + l4len
-    while s >> 16:
-        s = (s & 0xffff) + (s >> 16)
-    return s
-
-
 def as_partial(pkt):
     """The packet as the kernel hands it over with VIRTIO_NET_HDR_F_NEEDS_CSUM:
     the L4 checksum field holds the pseudo-header sum."""
@@ -153,7 +157,7 @@ def as_partial(pkt):
     tot = struct.unpack_from("!H", b, 2)[0]
     off = ihl + (16 if b[9] == 6 else 6)
     p = IP(bytes(b))
-    struct.pack_into("!H", b, off, pseudo_sum(p.src, p.dst, b[9], tot - ihl))
+    struct.pack_into("!H", b, off, pseudo_sum(ip(p.src), ip(p.dst), b[9], tot - ihl))
     return bytes(b)
 
 
@@ -216,28 +220,19 @@ def icmp_unreachable(quote_len=None):
     return check
 
 
-def inet_csum(data):
-    """RFC 1071 checksum of data (0 when data carries a valid checksum)."""
-    data = bytes(data) + b"\0" * (len(data) & 1)
-    s = sum(struct.unpack("!%dH" % (len(data) // 2), data))
-    while s >> 16:
-        s = (s & 0xffff) + (s >> 16)
-    return ~s & 0xffff
-
-
 def verify_inner(raw):
     """An ICMP error's quote: its IP header checksum is valid, and so is its
     L4 checksum when the whole datagram is quoted (a UDP 0 excepted)."""
     q = raw[28:]
     ihl = (q[0] & 15) * 4
-    assert inet_csum(q[:ihl]) == 0, "inner IP header checksum"
+    assert csum(q[:ihl]) == 0, "inner IP header checksum"
     tot = struct.unpack_from("!H", q, 2)[0]
     if tot == len(q) and q[9] in (6, 17):
         l4 = q[ihl:tot]
         if q[9] == 17 and struct.unpack_from("!H", l4, 6)[0] == 0:
             return
         pseudo = q[12:20] + struct.pack("!BBH", 0, q[9], len(l4))
-        assert inet_csum(pseudo + l4) == 0, "inner L4 checksum"
+        assert csum(pseudo + l4) == 0, "inner L4 checksum"
 
 
 def verify_partial(raw):
@@ -245,10 +240,10 @@ def verify_partial(raw):
     holds the pseudo-header sum of the rewritten addresses."""
     p = IP(raw)
     ihl = p.ihl * 4
-    assert inet_csum(raw[:ihl]) == 0, "IP header checksum"
+    assert csum(raw[:ihl]) == 0, "IP header checksum"
     off = ihl + (16 if p.proto == 6 else 6)
     got = struct.unpack_from("!H", raw, off)[0]
-    want = pseudo_sum(p.src, p.dst, p.proto, p.len - ihl)
+    want = pseudo_sum(ip(p.src), ip(p.dst), p.proto, p.len - ihl)
     assert got == want, f"partial L4 field {got:#06x}, want pseudo-header sum {want:#06x}"
 
 
@@ -599,7 +594,7 @@ FIXTURES = [
     Fixture("unsupported", "IPv6, ICMP other than echo and errors, and other protocols are not ours", [
         drop(IPv6(dst="fd00::1") / TCP(dport=80, flags="S"), "unsupported"),
         drop(IPv6(dst="fd00::1") / UDP(dport=53), "unsupported"),
-        drop(IP(dst=VIP) / ICMP(type=13), "unsupported"),                 # timestamp
+        drop(IP(dst=VIP) / ICMP(type=13, ts_ori=1, ts_rx=2, ts_tx=3), "unsupported"),                 # timestamp
         drop(IP(dst=VIP, proto=47) / Raw(b"\0" * 8), "unsupported"),
         drop(IP(dst=VIP, proto=132) / Raw(b"\0" * 16), "unsupported"),
         drop(raw_edit(tcp("S"), b0=0x55), "unsupported"),                # version 5
@@ -963,9 +958,10 @@ def flow_of(dp, pkt, now):
     return None
 
 
-def run_fixture(mod, fx, check=True):
+def run_fixture(mod, fx, check=True, inputs=None):
     """Runs a fixture against engine._fastpath or engine.refpath. Returns what
-    came out of every step, the final counters and flow table."""
+    came out of every step, the final counters and flow table. inputs: a
+    list to which each step's input bytes are appended (None for an action)."""
     dp = mod.Dataplane(ip(MASQ), tables=mod.Tables(**fx.tables()), **fx.dataplane)
     ctx = {"mod": mod, "tables": fx.tables}
     record = []
@@ -975,9 +971,13 @@ def run_fixture(mod, fx, check=True):
         last = max(last, st.now)
         if st.action is not None:
             record.append(("action", st.action(dp, ctx)))
+            if inputs is not None:
+                inputs.append(None)
         else:
             pkt = st.pkt if isinstance(st.pkt, (bytes, Packet)) else st.pkt(ctx)
             raw = bytes(pkt)
+            if inputs is not None:
+                inputs.append(raw)
             ctx["in_raw"] = raw
             try:
                 ctx["in"] = IP(raw)
@@ -1031,3 +1031,51 @@ def full_counters(dp, tables_kw):
             n += 1
     c["active"] = {b: dp.active_flows(b) for b in sorted(bids)}
     return c
+
+
+# --- golden outputs ----------------------------------------------------------------------
+
+GOLDEN_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden_outputs.json")
+
+
+def golden_steps(mod, fx, check=False):
+    """Every step of fx as golden_outputs.json holds it: the input and what
+    came out (verdict, reason, output bytes), or the action's name."""
+    inputs = []
+    record, _, _ = run_fixture(mod, fx, check=check, inputs=inputs)
+    steps = []
+    for st, res, raw in zip(fx.steps, record, inputs):
+        if raw is None:
+            steps.append({"action": st.action.__name__})
+        else:
+            steps.append({"in": raw.hex(), "verdict": res[0], "reason": res[1],
+                          "out": None if res[2] is None else res[2].hex()})
+    return steps
+
+
+def load_golden():
+    with open(GOLDEN_FILE) as f:
+        return json.load(f)
+
+
+def write_golden():
+    """Runs every fixture with its checks on both modules; writes the file
+    only when both pass and agree byte for byte."""
+    from engine import _fastpath, refpath
+    out = {}
+    for fx in FIXTURES:
+        ref = golden_steps(refpath, fx, check=True)
+        fast = golden_steps(_fastpath, fx, check=True)
+        if ref != fast:
+            raise SystemExit(f"{fx.id}: the fast path and the reference differ; not written")
+        out[fx.id] = ref
+    with open(GOLDEN_FILE, "w") as f:
+        json.dump(out, f, indent=1, sort_keys=True)
+        f.write("\n")
+    print(f"wrote {GOLDEN_FILE}: {len(out)} fixtures, {sum(map(len, out.values()))} steps")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write-golden"]:
+        raise SystemExit("usage: python3 -m tests.unit.packets --write-golden")
+    write_golden()

@@ -15,8 +15,8 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from engine import _fastpath, model, refpath
 from packets import (BACKENDS, CLIENT, FIXTURES, LB_IP, MASQ, NODE, OUTSIDE, T0,
                      UNALLOCATED, VIP, VIP_MULTI, VIP_NOEP, VIP_ONE, VIP_TWO,
-                     as_partial, default_tables, ip, run_fixture, tcp, udp, verify_checksums,
-                     verify_partial)
+                     as_partial, default_tables, golden_steps, ip, load_golden, run_fixture, tcp, udp,
+                     verify_checksums, verify_partial)
 
 MODULES = [pytest.param(_fastpath, id="fastpath"), pytest.param(refpath, id="refpath")]
 FIXTURE_PARAMS = [pytest.param(fx, id=fx.id) for fx in FIXTURES]
@@ -42,6 +42,31 @@ def test_fixture_same_bytes(fx):
         assert c == r, f"{fx.id} step {i}: fastpath {c!r} != refpath {r!r}"
     assert c_cnt == r_cnt
     assert c_flows == r_flows
+
+
+GOLDEN = load_golden()
+REGENERATE = "python3 -m tests.unit.packets --write-golden (see tests/unit/packets.py)"
+
+
+@pytest.mark.parametrize("fx", FIXTURE_PARAMS)
+@pytest.mark.parametrize("mod", MODULES)
+def test_fixture_golden_bytes(mod, fx):
+    """Every step gives the golden output bytes (golden_outputs.json): the
+    fast path and the reference are each held to stored bytes, so a drift
+    made in both at once is caught too."""
+    assert fx.id in GOLDEN, f"no golden outputs for {fx.id}: {REGENERATE}"
+    want = GOLDEN[fx.id]
+    got = golden_steps(mod, fx)
+    assert len(got) == len(want), f"{fx.id}: {len(got)} steps, golden has {len(want)}: {REGENERATE}"
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.get("in") == w.get("in") and g.get("action") == w.get("action"), \
+            f"{fx.id} step {i}: the fixture's input changed: {REGENERATE}"
+        assert g == w, f"{fx.id} step {i}: {mod.__name__} output differs from the golden bytes"
+
+
+def test_golden_outputs_are_current():
+    """No golden outputs of a fixture that is gone."""
+    assert set(GOLDEN) == {fx.id for fx in FIXTURES}, REGENERATE
 
 
 def test_vocabulary_is_model_s():

@@ -29,6 +29,7 @@ import types
 import pytest
 
 from engine import _fastpath, refpath
+from engine.lab import packets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FUZZ_PY = os.path.join(ROOT, "bench", "fuzz.py")
@@ -182,9 +183,9 @@ def test_known_issue_tolerance():
     """A rule listed in `known` is counted, not raised; any other still raises."""
     import collections
     dp = _dp(_fastpath)
-    syn = fuzz.tcp(fuzz.CLIENTS[0], fuzz.VIP, 40001, 80, 0x02)
+    syn = packets.tcp(fuzz.CLIENTS[0], fuzz.VIP, 40001, 80, 0x02)
     fwd = dp.process(syn, 1000)[2]
-    err = fuzz.icmp(fuzz.be32(fwd, 16), fuzz.UNALLOC, 3, 3, payload=fwd[:28])
+    err = packets.icmp(packets.be32(fwd, 16), fuzz.UNALLOC, 3, 3, payload=fwd[:28])
     wrong = ("forward", "none", err)       # what the fast path did before bd43e87
     reasons = set(_fastpath.DROP_REASONS)
     with pytest.raises(fuzz.FuzzFailure, match="not addressed to the sender of the quoted packet"):
@@ -213,17 +214,17 @@ def test_icmp_error_must_be_addressed_to_the_quoted_sender(mod, to):
     addressed to whoever sent the quoted packet (Linux conntrack's rule);
     otherwise anyone who learns a flow's tuple can aim errors anywhere."""
     dp = _dp(mod)
-    syn = fuzz.tcp(fuzz.CLIENTS[0], fuzz.VIP, 40001, 80, 0x02)
+    syn = packets.tcp(fuzz.CLIENTS[0], fuzz.VIP, 40001, 80, 0x02)
     v, _, fwd = dp.process(syn, 1000)
     assert v == "forward"                     # masq:port -> backend:8080
-    backend = fuzz.be32(fwd, 16)
+    backend = packets.be32(fwd, 16)
     dst = {"unallocated": fuzz.UNALLOC, "vip": fuzz.VIP_NOEP, "outside": fuzz.OUTSIDE}[to]
-    err = fuzz.icmp(backend, dst, 3, 3, payload=fwd[:28])
+    err = packets.icmp(backend, dst, 3, 3, payload=fwd[:28])
     v, reason, out = dp.process(err, 1000)
-    assert v == "drop", f"translated and forwarded to {fuzz.ipstr(fuzz.be32(out, 16))}"
+    assert v == "drop", f"translated and forwarded to {fuzz.ipstr(packets.be32(out, 16))}"
     # the same error addressed to the masquerade address is translated
-    v, _, out = dp.process(fuzz.icmp(backend, fuzz.MASQ, 3, 3, payload=fwd[:28]), 1000)
-    assert v == "forward" and fuzz.be32(out, 16) == fuzz.CLIENTS[0]
+    v, _, out = dp.process(packets.icmp(backend, fuzz.MASQ, 3, 3, payload=fwd[:28]), 1000)
+    assert v == "forward" and packets.be32(out, 16) == fuzz.CLIENTS[0]
 
 
 @pytest.mark.parametrize("mod", MODULES)
@@ -231,9 +232,9 @@ def test_icmp_error_must_be_addressed_to_the_quoted_sender(mod, to):
                                  "240.0.0.1", "127.0.0.1"])
 def test_no_port_unreachable_to_a_martian_source(mod, src):
     dp = _dp(mod)
-    v, reason, out = dp.process(fuzz.udp(fuzz.ip(src), fuzz.VIP_NOEP, 5000, 53), 1000)
+    v, reason, out = dp.process(packets.udp(fuzz.ip(src), fuzz.VIP_NOEP, 5000, 53), 1000)
     assert (v, reason) == ("drop", "martian"), f"sent a port unreachable to {src}"
-    v, _, _ = dp.process(fuzz.udp(fuzz.CLIENTS[0], fuzz.VIP_NOEP, 5000, 53), 1000)
+    v, _, _ = dp.process(packets.udp(fuzz.CLIENTS[0], fuzz.VIP_NOEP, 5000, 53), 1000)
     assert v == "reply"
 
 
@@ -241,20 +242,20 @@ def test_checker_accepts_a_real_translation():
     """check_result on hand-made results: the rules are not vacuous."""
     dp = _dp(_fastpath)
     reasons = set(_fastpath.DROP_REASONS)
-    syn = fuzz.tcp(fuzz.CLIENTS[0], fuzz.VIP, 40001, 80, 0x02)
+    syn = packets.tcp(fuzz.CLIENTS[0], fuzz.VIP, 40001, 80, 0x02)
     res = dp.process(syn, 1000)
     fuzz.check_result(syn, False, res, reasons)
     bad = (res[0], res[1], res[2][:10] + b"\0\0" + res[2][12:])
     with pytest.raises(fuzz.FuzzFailure, match="checksum"):
         fuzz.check_result(syn, False, bad, reasons)
-    rej = fuzz.udp(fuzz.CLIENTS[0], fuzz.VIP_NOEP, 5000, 53, payload=b"x" * 1000)
+    rej = packets.udp(fuzz.CLIENTS[0], fuzz.VIP_NOEP, 5000, 53, payload=b"x" * 1000)
     res = dp.process(rej, 1000)
     assert res[0] == "reply" and len(res[2]) == 576
     fuzz.check_result(rej, False, res, reasons)
     out = bytearray(res[2])
     out[-1] ^= 0xff
     struct.pack_into("!H", out, 22, 0)
-    struct.pack_into("!H", out, 22, fuzz.csum(bytes(out[20:])))
+    struct.pack_into("!H", out, 22, packets.csum(bytes(out[20:])))
     with pytest.raises(fuzz.FuzzFailure, match="quote is not the datagram"):
         fuzz.check_result(rej, False, (res[0], res[1], bytes(out)), reasons)
 

@@ -7,18 +7,9 @@ import struct
 from scapy.all import IP, TCP, UDP, raw
 
 from engine import _fastpath
+from engine.lab.packets import pseudo_sum
 
 ip = lambda s: int(ipaddress.IPv4Address(s))
-
-
-def pseudo_sum(src, dst, proto, l4len):
-    s = 0
-    for w in struct.unpack("!HHHH", ipaddress.IPv4Address(src).packed + ipaddress.IPv4Address(dst).packed):
-        s += w
-    s += proto + l4len
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
 
 
 def partial(pkt):
@@ -27,7 +18,7 @@ def partial(pkt):
     ihl = (b[0] & 15) * 4
     l4len = len(b) - ihl
     off = 16 if b[9] == 6 else 6
-    struct.pack_into("!H", b, ihl + off, pseudo_sum(pkt[IP].src, pkt[IP].dst, b[9], l4len))
+    struct.pack_into("!H", b, ihl + off, pseudo_sum(ip(pkt[IP].src), ip(pkt[IP].dst), b[9], l4len))
     return bytes(b), ihl, off
 
 
@@ -47,7 +38,7 @@ def test_partial_checksum_tracks_addresses_only():
         assert verdict == "forward"
         o = IP(out)
         got = struct.unpack_from("!H", out, ihl + off)[0]
-        assert got == pseudo_sum(o.src, o.dst, o.proto, len(out) - ihl)
+        assert got == pseudo_sum(ip(o.src), ip(o.dst), o.proto, len(out) - ihl)
         # what the kernel then completes is a valid checksum
         full = IP(out)
         l4 = full[TCP] if full.proto == 6 else full[UDP]

@@ -12,7 +12,8 @@ from scapy.layers.inet import ICMP, IP, TCP
 from scapy.packet import Raw
 
 from engine import _fastpath, refpath
-from packets import MASQ, T0, inet_csum, ip
+from engine.lab.packets import csum
+from packets import MASQ, T0, ip
 
 MODULES = [pytest.param(_fastpath, id="fastpath"), pytest.param(refpath, id="refpath")]
 RANDOM, RR, LC, SH, MH = range(5)
@@ -42,7 +43,7 @@ def udp_raw(src, sport, dst=VIP, dport=53):
     """A minimal UDP datagram (checksum 0: none), fast to build in bulk."""
     h = bytearray(struct.pack("!BBHHHBBHII", 0x45, 0, 28, 0, 0, 64, 17, 0,
                               src if isinstance(src, int) else ip(src), ip(dst)))
-    struct.pack_into("!H", h, 10, inet_csum(h))
+    struct.pack_into("!H", h, 10, csum(h))
     return bytes(h) + struct.pack("!HHHH", sport, dport, 8, 0)
 
 
