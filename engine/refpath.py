@@ -611,6 +611,71 @@ def xorshift32(x):
     return x
 
 
+# --- parsing ---------------------------------------------------------------------
+
+class _Pkt:
+    """A packet parsed once (the C code's pkt_t): reason "none" when it is a
+    checked TCP, UDP or ICMP datagram, else why it drops."""
+    __slots__ = ("p", "tot", "l4", "l4len", "proto", "th", "key", "reason")
+
+
+class _Quote:
+    """The datagram an ICMP error quotes, checked (offsets into the packet)."""
+    __slots__ = ("ip", "l4", "len", "ihl", "proto", "src", "dst", "sport", "dport")
+
+
+def parse(p):
+    """Every length check of a packet, in the order that decides its drop
+    reason (pkt_parse in cext/parse.pxi)."""
+    v = _Pkt()
+    v.p = p
+    v.th = 0
+    v.key = None
+    v.reason = "malformed"
+    n = len(p)
+    if n < IP_MIN_HLEN:
+        return v
+    if p[IP_VER_IHL] >> 4 != 4:
+        v.reason = "unsupported"
+        return v
+    ihl = (p[IP_VER_IHL] & 0x0f) * 4
+    (v.tot,) = struct.unpack_from("!H", p, IP_TOTLEN)
+    if ihl < IP_MIN_HLEN or v.tot < ihl or v.tot > n:
+        return v
+    (frag,) = struct.unpack_from("!H", p, IP_FRAG)
+    if frag & 0x3fff:                       # MF set or offset != 0
+        v.reason = "fragment"
+        return v
+    v.proto = p[IP_PROTO]
+    v.l4 = l4 = ihl
+    v.l4len = v.tot - ihl
+    if v.proto == PROTO_TCP:
+        if v.l4len < TCP_MIN_HLEN:
+            return v
+        doff = (p[l4 + TCP_DOFF] >> 4) * 4
+        if doff < TCP_MIN_HLEN or doff > v.l4len:
+            return v
+        v.th = p[l4 + TCP_FLAGS]
+    elif v.proto == PROTO_UDP:
+        if v.l4len < UDP_HLEN:
+            return v
+        (ulen,) = struct.unpack_from("!H", p, l4 + UDP_LEN)
+        if ulen < UDP_HLEN or ulen > v.l4len:
+            return v
+    elif v.proto == PROTO_ICMP:
+        if v.l4len >= ICMP_HLEN:
+            v.reason = "none"
+        return v
+    else:
+        v.reason = "unsupported"
+        return v
+    saddr, daddr = struct.unpack_from("!II", p, IP_SRC)
+    sport, dport = struct.unpack_from("!HH", p, l4 + L4_SPORT)
+    v.key = (saddr, daddr, sport, dport, v.proto)
+    v.reason = "none"
+    return v
+
+
 # --- the dataplane ---------------------------------------------------------------
 
 class Dataplane:
@@ -726,129 +791,123 @@ class Dataplane:
 
     def _process_one(self, t, p, now, partial=False):
         """p: bytearray, rewritten in place. Returns (verdict, reason, out)."""
-        n = len(p)
         self.cnt["rx_packets"] += 1
-        self.cnt["rx_bytes"] += n
+        self.cnt["rx_bytes"] += len(p)
+        v = parse(p)
+        if v.reason != "none":
+            return self._drop(v.reason)
+        if v.proto == PROTO_ICMP:
+            return self._icmp_in(t, v, now)
+        ref = self._flow_lookup(v, now)
+        if ref is not None:
+            return self._flow_forward(v, ref, now, partial)
+        return self._flow_open(t, v, now, partial)
 
-        # 1. parse: every length is checked before it is relied on
-        if n < IP_MIN_HLEN:
-            return self._drop("malformed")
-        if p[IP_VER_IHL] >> 4 != 4:
-            return self._drop("unsupported")
-        ihl = (p[IP_VER_IHL] & 0x0f) * 4
-        (tot,) = struct.unpack_from("!H", p, IP_TOTLEN)
-        if ihl < IP_MIN_HLEN or tot < ihl or tot > n:
-            return self._drop("malformed")
-        (frag,) = struct.unpack_from("!H", p, IP_FRAG)
-        if frag & 0x3fff:                       # MF set or offset != 0
-            return self._drop("fragment")
-        proto = p[IP_PROTO]
-        l4 = ihl
-        l4len = tot - ihl
-        th = 0
-        if proto == PROTO_TCP:
-            if l4len < TCP_MIN_HLEN:
-                return self._drop("malformed")
-            doff = (p[l4 + TCP_DOFF] >> 4) * 4
-            if doff < TCP_MIN_HLEN or doff > l4len:
-                return self._drop("malformed")
-            th = p[l4 + TCP_FLAGS]
-        elif proto == PROTO_UDP:
-            if l4len < UDP_HLEN:
-                return self._drop("malformed")
-            (ulen,) = struct.unpack_from("!H", p, l4 + UDP_LEN)
-            if ulen < UDP_HLEN or ulen > l4len:
-                return self._drop("malformed")
-        elif proto == PROTO_ICMP:
-            return self._icmp(t, p, l4, tot, l4len, now)
-        else:
-            return self._drop("unsupported")
-        saddr, daddr = struct.unpack_from("!II", p, IP_SRC)
-        sport, dport = struct.unpack_from("!HH", p, l4 + L4_SPORT)
-        k = (saddr, daddr, sport, dport, proto)
-
-        # 2. a tracked flow, either direction
+    def _flow_lookup(self, v, now):
+        """The tracked flow of a TCP/UDP packet, either direction ((entry id,
+        direction)), else None. An expired flow is removed on the way, and so
+        is a closing TCP connection whose client port a new SYN reuses."""
         ct = self.ct
-        ref = ct.find(k)
-        if ref is not None:
-            fid, direction = ref
-            e = ct.entries[fid]
-            if e.expires <= now:
-                ct.remove(fid)
-                self.cnt["flows_expired"] += 1
-                ref = None
-            elif (proto == PROTO_TCP and direction == DIR_ORIG
-                  and th & (TH_SYN | TH_ACK | TH_RST) == TH_SYN
-                  and e.state in (CT_TIME_WAIT, CT_CLOSE)):
-                ct.remove(fid)                  # port reuse: a new connection
-                ref = None
-        if ref is not None:
-            o_saddr, o_daddr, o_sport, o_dport, _ = e.key[1 - direction]
-            nat_rewrite(p, l4, proto, o_daddr, o_dport, o_saddr, o_sport, partial)
-            if proto == PROTO_TCP:
-                e.state, e.flags = tcp_next_state(e.state, e.flags, direction, th)
-                if e.state == CT_TIME_WAIT or e.state == CT_CLOSE:
-                    ct.deactivate(e)            # closing: no longer an active flow
-            elif direction == DIR_REPLY:
-                e.state = CT_UDP_ASSURED
-            e.expires = (now + self.timeouts[e.state]) & U32
-            self._stat(e.svcport, S_PACKETS)
-            self._stat(e.svcport, S_BYTES, tot)
-            return ("forward", "none", bytes(p[:tot]))
+        ref = ct.find(v.key)
+        if ref is None:
+            return None
+        fid, direction = ref
+        e = ct.entries[fid]
+        if e.expires <= now:
+            ct.remove(fid)
+            self.cnt["flows_expired"] += 1
+            return None
+        if (v.proto == PROTO_TCP and direction == DIR_ORIG
+                and v.th & (TH_SYN | TH_ACK | TH_RST) == TH_SYN
+                and e.state in (CT_TIME_WAIT, CT_CLOSE)):
+            ct.remove(fid)                      # port reuse: a new connection
+            return None
+        return ref
 
-        # 3. a new flow: which service? (address 0 is the node-port key: it
-        # must be reached through a node address, never as a destination)
+    def _flow_forward(self, v, ref, now, partial):
+        """A packet of tracked flow ref: rewritten to the flow's other tuple,
+        and the flow's state and timeout moved on."""
+        fid, direction = ref
+        e = self.ct.entries[fid]
+        o_saddr, o_daddr, o_sport, o_dport, _ = e.key[1 - direction]
+        nat_rewrite(v.p, v.l4, v.proto, o_daddr, o_dport, o_saddr, o_sport, partial)
+        if v.proto == PROTO_TCP:
+            e.state, e.flags = tcp_next_state(e.state, e.flags, direction, v.th)
+            if e.state == CT_TIME_WAIT or e.state == CT_CLOSE:
+                self.ct.deactivate(e)           # closing: no longer an active flow
+        elif direction == DIR_REPLY:
+            e.state = CT_UDP_ASSURED
+        e.expires = (now + self.timeouts[e.state]) & U32
+        self._stat(e.svcport, S_PACKETS)
+        self._stat(e.svcport, S_BYTES, v.tot)
+        return ("forward", "none", bytes(v.p[:v.tot]))
+
+    @staticmethod
+    def _svcport_match(t, key):
+        """The service port a new flow to key opens to: by (address, port,
+        protocol), else the node port when the address is a node's. (Address
+        0 is the node-port key: it is never matched as a destination.)"""
+        _, daddr, _, dport, proto = key
         sv = t.lookup(daddr, dport, proto) if daddr != 0 else None
         if sv is None and t.is_node_addr(daddr):
             sv = t.lookup(0, dport, proto)
+        return sv
+
+    def _flow_open(self, t, v, now, partial):
+        """A packet of no tracked flow: a new flow to a backend of its service
+        port, or refused, or dropped."""
+        saddr, daddr, sport, _, proto = v.key
+        sv = self._svcport_match(t, v.key)
         if sv is None:
             if t.is_vip(daddr) or t.is_node_addr(daddr):
-                return self._reject(p, tot, now)     # live VIP / node address, port not served
-            if daddr == self.masq:
-                return self._drop("spoofed")
-            if t.in_drop_cidrs(daddr):
-                return self._drop("unallocated")
-            return self._drop("no_service")
+                return self._reject(v.p, v.tot, now)     # live VIP / node address, port not served
+            return self._drop(self._unmatched(t, daddr))
         if sv.source_ranges and not t.source_allowed(sv, saddr):
             self._stat(sv.id, S_DENIED)
             return self._drop("source_denied")
         if not sv.backends:
             self._stat(sv.id, S_REJECTS)
-            return self._reject(p, tot, now)
-        if proto == PROTO_TCP and th & (TH_SYN | TH_ACK | TH_RST | TH_FIN) != TH_SYN:
+            return self._reject(v.p, v.tot, now)
+        if proto == PROTO_TCP and v.th & (TH_SYN | TH_ACK | TH_RST | TH_FIN) != TH_SYN:
             return self._drop("not_syn")
-
-        # 4. scheduler, then a free SNAT port for the reply tuple
         baddr, bport, bid = self._schedule(sv, raw32(saddr), raw16(sport), now)
-        q = self.tun_queues or 1
-        first = self.port_lo + (sport % q + q - self.port_lo % q) % q
-        count = (self.port_lo + self.port_range - 1 - first) // q + 1 if first < self.port_lo + self.port_range else 0
-        if count == 0:
+        port = self._snat_port(baddr, bport, proto, sport)
+        if port is None:
             return self._drop("nat_exhausted")
-        start = self._rand() % count
-        for i in range(min(PORT_TRIES, count)):
-            port = first + (start + i) % count * q
-            rk = (baddr, self.masq, bport, port, proto)
-            if ct.find(rk) is None:
-                break
-        else:
-            return self._drop("nat_exhausted")
+        ct = self.ct
         fid, evicted = ct.alloc(now)
         self.cnt["flows_evicted"] += evicted
         if fid is None:
             return self._drop("table_full")
         state = CT_SYN_SENT if proto == PROTO_TCP else CT_UDP_UNREPLIED
-        e = _Flow(k, rk, sv.id, bid, state, (now + self.timeouts[state]) & U32)
+        e = _Flow(v.key, (baddr, self.masq, bport, port, proto), sv.id, bid, state,
+                  (now + self.timeouts[state]) & U32)
         ct.insert(fid, e)
         if bid < ct.nactive:
             ct.active[bid] = ct.active.get(bid, 0) + 1
             e.flags = CTF_ACTIVE
         self._stat(sv.id, S_FLOWS)
         self._stat(sv.id, S_PACKETS)
-        self._stat(sv.id, S_BYTES, tot)
+        self._stat(sv.id, S_BYTES, v.tot)
         self.cnt["flows_created"] += 1
-        nat_rewrite(p, l4, proto, self.masq, port, baddr, bport, partial)
-        return ("forward", "none", bytes(p[:tot]))
+        nat_rewrite(v.p, v.l4, proto, self.masq, port, baddr, bport, partial)
+        return ("forward", "none", bytes(v.p[:v.tot]))
+
+    def _snat_port(self, baddr, bport, proto, client_port):
+        """A masquerade port no flow from (baddr, bport) uses, starting at
+        random, within PORT_TRIES; with tun_queues = q > 1 only ports
+        congruent to the client's modulo q qualify. None: none free."""
+        q = self.tun_queues or 1
+        first = self.port_lo + (client_port % q + q - self.port_lo % q) % q
+        count = (self.port_lo + self.port_range - 1 - first) // q + 1 if first < self.port_lo + self.port_range else 0
+        if count == 0:
+            return None
+        start = self._rand() % count
+        for i in range(min(PORT_TRIES, count)):
+            port = first + (start + i) % count * q
+            if self.ct.find((baddr, self.masq, bport, port, proto)) is None:
+                return port
+        return None
 
     def _schedule(self, sv, client, csport, now):
         """The backend (addr, port, id) for a new flow of sv (which has one).
@@ -920,87 +979,111 @@ class Dataplane:
         victim[0] = 0
         return victim
 
-    def _icmp(self, t, p, l4, tot, l4len, now):
-        """ICMP: echo to a live service address is answered (as IPVS mode's
-        bound VIPs are); an error about a tracked flow (unreachable, frag
-        needed, time exceeded, parameter problem) is translated, inner header
-        included, and sent on to the flow's other end."""
-        if l4len < ICMP_HLEN:
-            return self._drop("malformed")
-        typ = p[l4 + ICMP_TYPE]
+    def _icmp_in(self, t, v, now):
+        """A checked ICMP message (at least its 8-byte header)."""
+        typ = v.p[v.l4 + ICMP_TYPE]
+        if typ == 8:
+            return self._icmp_echo(t, v)
+        if typ in (3, 11, 12):                  # unreachable, time exceeded, parameter problem
+            return self._icmp_error(t, v, now)
+        return self._drop("unsupported")
+
+    def _icmp_echo(self, t, v):
+        """An echo request to a live service address is answered (as IPVS
+        mode's bound VIPs are), in place."""
+        p, l4 = v.p, v.l4
         osrc, odst = struct.unpack_from("!II", p, IP_SRC)
-        if typ == 8:                            # echo request
-            if p[l4 + ICMP_CODE] != 0 or not t.is_vip(odst):
-                return self._drop(self._unmatched(t, odst))
-            struct.pack_into("!II", p, IP_SRC, odst, osrc)   # a swap keeps the header sum
-            (ic,) = struct.unpack_from("!H", p, l4 + ICMP_TYPE)
-            p[l4 + ICMP_TYPE] = 0
-            (c,) = struct.unpack_from("!H", p, l4 + ICMP_CSUM)
-            struct.pack_into("!H", p, l4 + ICMP_CSUM,
-                             csum_replace2(c, ic, struct.unpack_from("!H", p, l4 + ICMP_TYPE)[0]))
-            (ic,) = struct.unpack_from("!H", p, IP_TTL)
-            p[IP_TTL] = 64
-            (c,) = struct.unpack_from("!H", p, IP_CSUM)
-            struct.pack_into("!H", p, IP_CSUM,
-                             csum_replace2(c, ic, struct.unpack_from("!H", p, IP_TTL)[0]))
-            return ("reply", "none", bytes(p[:tot]))
-        if typ not in (3, 11, 12):
-            return self._drop("unsupported")
-        # the quoted datagram: one we sent, so it is already translated
-        inner = l4 + ICMP_HLEN
-        ilen = l4len - ICMP_HLEN
-        if ilen < IP_MIN_HLEN or p[inner + IP_VER_IHL] >> 4 != 4:
-            return self._drop("malformed")
-        iihl = (p[inner + IP_VER_IHL] & 0x0f) * 4
-        if iihl < IP_MIN_HLEN or ilen < iihl + 8:
-            return self._drop("malformed")
-        iproto = p[inner + IP_PROTO]
-        if iproto != PROTO_TCP and iproto != PROTO_UDP:
-            return self._drop("unsupported")
-        il4 = inner + iihl
-        isrc, idst = struct.unpack_from("!II", p, inner + IP_SRC)
-        isport, idport = struct.unpack_from("!HH", p, il4 + L4_SPORT)
+        if p[l4 + ICMP_CODE] != 0 or not t.is_vip(odst):
+            return self._drop(self._unmatched(t, odst))
+        struct.pack_into("!II", p, IP_SRC, odst, osrc)   # a swap keeps the header sum
+        (w,) = struct.unpack_from("!H", p, l4 + ICMP_TYPE)
+        p[l4 + ICMP_TYPE] = 0
+        (c,) = struct.unpack_from("!H", p, l4 + ICMP_CSUM)
+        struct.pack_into("!H", p, l4 + ICMP_CSUM,
+                         csum_replace2(c, w, struct.unpack_from("!H", p, l4 + ICMP_TYPE)[0]))
+        (w,) = struct.unpack_from("!H", p, IP_TTL)
+        p[IP_TTL] = 64
+        (c,) = struct.unpack_from("!H", p, IP_CSUM)
+        struct.pack_into("!H", p, IP_CSUM, csum_replace2(c, w, struct.unpack_from("!H", p, IP_TTL)[0]))
+        return ("reply", "none", bytes(p[:v.tot]))
+
+    @staticmethod
+    def _icmp_quote_parse(v):
+        """The quoted datagram (one we sent, so already translated), checked:
+        a _Quote, or the drop reason."""
+        p = v.p
+        q = _Quote()
+        q.ip = v.l4 + ICMP_HLEN
+        q.len = v.l4len - ICMP_HLEN
+        if q.len < IP_MIN_HLEN or p[q.ip + IP_VER_IHL] >> 4 != 4:
+            return "malformed"
+        q.ihl = (p[q.ip + IP_VER_IHL] & 0x0f) * 4
+        if q.ihl < IP_MIN_HLEN or q.len < q.ihl + 8:
+            return "malformed"
+        q.proto = p[q.ip + IP_PROTO]
+        if q.proto != PROTO_TCP and q.proto != PROTO_UDP:
+            return "unsupported"
+        q.l4 = q.ip + q.ihl
+        q.src, q.dst = struct.unpack_from("!II", p, q.ip + IP_SRC)
+        q.sport, q.dport = struct.unpack_from("!HH", p, q.l4 + L4_SPORT)
+        return q
+
+    @staticmethod
+    def _icmp_quote_restore(p, q, K, ic):
+        """Rewrites the quoted header back to K, what its sender sent; each
+        change also goes into the ICMP checksum ic (which covers the quote).
+        Returns the new ICMP checksum."""
+        ks, kd, ksp, kdp, _ = K
+        (ipc,) = struct.unpack_from("!H", p, q.ip + IP_CSUM)
+        c = csum_replace4(csum_replace4(ipc, q.src, ks), q.dst, kd)
+        ic = csum_replace2(ic, ipc, c)
+        struct.pack_into("!H", p, q.ip + IP_CSUM, c)
+        ic = csum_replace4(csum_replace4(ic, q.src, ks), q.dst, kd)
+        struct.pack_into("!II", p, q.ip + IP_SRC, ks, kd)
+        csoff = TCP_CSUM if q.proto == PROTO_TCP else UDP_CSUM
+        if q.len >= q.ihl + csoff + 2:          # the L4 checksum is quoted
+            (c0,) = struct.unpack_from("!H", p, q.l4 + csoff)
+            if not (q.proto == PROTO_UDP and c0 == 0):
+                c = csum_replace4(csum_replace4(c0, q.src, ks), q.dst, kd)
+                c = csum_replace2(csum_replace2(c, q.sport, ksp), q.dport, kdp)
+                if q.proto == PROTO_UDP and c == 0:
+                    c = 0xffff
+                ic = csum_replace2(ic, c0, c)
+                struct.pack_into("!H", p, q.l4 + csoff, c)
+        ic = csum_replace2(csum_replace2(ic, q.sport, ksp), q.dport, kdp)
+        struct.pack_into("!HH", p, q.l4 + L4_SPORT, ksp, kdp)
+        return ic
+
+    def _icmp_error(self, t, v, now):
+        """An error about a tracked flow (unreachable, frag needed, time
+        exceeded, parameter problem) is translated, quote included, and sent
+        on to the flow's other end."""
+        p = v.p
+        osrc, odst = struct.unpack_from("!II", p, IP_SRC)
+        q = self._icmp_quote_parse(v)
+        if isinstance(q, str):
+            return self._drop(q)
         # the reverse of what we sent; a flow past its timeout is as good as gone
-        ref = self.ct.find((idst, isrc, idport, isport, iproto))
+        ref = self.ct.find((q.dst, q.src, q.dport, q.sport, q.proto))
         # the error must be about a live flow and addressed to the quoted sender
-        if ref is None or self.ct.entries[ref[0]].expires <= now or odst != isrc:
+        if ref is None or self.ct.entries[ref[0]].expires <= now or odst != q.src:
             return self._drop(self._unmatched(t, odst))
         fid, direction = ref
         e = self.ct.entries[fid]
-        ks, kd, ksp, kdp, _ = e.key[1 - direction]   # the packet as its sender sent it
-        # inner header back to what the sender sent; each change also goes
-        # into the ICMP checksum, which covers the quote
-        (ic,) = struct.unpack_from("!H", p, l4 + ICMP_CSUM)
-        (ipc,) = struct.unpack_from("!H", p, inner + IP_CSUM)
-        c = csum_replace4(csum_replace4(ipc, isrc, ks), idst, kd)
-        ic = csum_replace2(ic, ipc, c)
-        struct.pack_into("!H", p, inner + IP_CSUM, c)
-        ic = csum_replace4(csum_replace4(ic, isrc, ks), idst, kd)
-        struct.pack_into("!II", p, inner + IP_SRC, ks, kd)
-        csoff = TCP_CSUM if iproto == PROTO_TCP else UDP_CSUM
-        if ilen >= iihl + csoff + 2:            # the L4 checksum is quoted
-            (c0,) = struct.unpack_from("!H", p, il4 + csoff)
-            if not (iproto == PROTO_UDP and c0 == 0):
-                c = csum_replace4(csum_replace4(c0, isrc, ks), idst, kd)
-                c = csum_replace2(csum_replace2(c, isport, ksp), idport, kdp)
-                if iproto == PROTO_UDP and c == 0:
-                    c = 0xffff
-                ic = csum_replace2(ic, c0, c)
-                struct.pack_into("!H", p, il4 + csoff, c)
-        ic = csum_replace2(csum_replace2(ic, isport, ksp), idport, kdp)
-        struct.pack_into("!HH", p, il4 + L4_SPORT, ksp, kdp)
-        struct.pack_into("!H", p, l4 + ICMP_CSUM, ic)
+        K = e.key[1 - direction]                # the packet as its sender sent it
+        (ic,) = struct.unpack_from("!H", p, v.l4 + ICMP_CSUM)
+        struct.pack_into("!H", p, v.l4 + ICMP_CSUM, self._icmp_quote_restore(p, q, K, ic))
         # outer: to the sender; from the far end's public face if it was the far end
         (c,) = struct.unpack_from("!H", p, IP_CSUM)
-        if osrc == idst:
-            c = csum_replace4(c, osrc, kd)
-            struct.pack_into("!I", p, IP_SRC, kd)
-        c = csum_replace4(c, odst, ks)
-        struct.pack_into("!I", p, IP_DST, ks)
+        if osrc == q.dst:
+            c = csum_replace4(c, osrc, K[1])
+            struct.pack_into("!I", p, IP_SRC, K[1])
+        c = csum_replace4(c, odst, K[0])
+        struct.pack_into("!I", p, IP_DST, K[0])
         struct.pack_into("!H", p, IP_CSUM, c)
         self._stat(e.svcport, S_PACKETS)
-        self._stat(e.svcport, S_BYTES, tot)
-        return ("forward", "none", bytes(p[:tot]))
+        self._stat(e.svcport, S_BYTES, v.tot)
+        return ("forward", "none", bytes(p[:v.tot]))
 
     def process(self, pkt, now, partial=False):
         """In-memory path for tests: returns (verdict, reason, out bytes|None).
