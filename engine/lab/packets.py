@@ -1,5 +1,5 @@
 """IPv4 packets built by hand, and the Internet checksum (RFC 1071): the one
-packet builder the unit tests, the fuzzer (bench/fuzz.py) and the lab share.
+packet builder the unit tests, the fuzzer (engine/lab/fuzz.py) and the lab share.
 
 Addresses are host-order ints, as the fast path's API takes them. Standard
 library only, so a snippet the lab runs in a namespace can use it too. (The

@@ -1,4 +1,5 @@
-"""Fuzzing the fast path (bench/fuzz.py at CI size).
+"""Fuzzing the fast path (engine/lab/fuzz.py, whose command line is
+bench/fuzz.py, at CI size).
 
 - ~100k mutated packets through engine._fastpath (three dataplane
   configurations: roomy, a 32-flow table, four SNAT ports), each result
@@ -17,7 +18,6 @@
 
 The long run is `python3 bench/fuzz.py --packets 1000000 [--debug]`.
 """
-import importlib.util
 import os
 import shutil
 import struct
@@ -29,14 +29,9 @@ import types
 import pytest
 
 from engine import _fastpath, refpath
-from engine.lab import packets
+from engine.lab import fuzz, packets
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FUZZ_PY = os.path.join(ROOT, "bench", "fuzz.py")
-_spec = importlib.util.spec_from_file_location("engine_bench_fuzz", FUZZ_PY)
-fuzz = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = fuzz
-_spec.loader.exec_module(fuzz)
+ROOT = fuzz.REPO_ROOT
 
 CI_PACKETS = 100_000
 REF_PACKETS = 5_000
@@ -108,7 +103,7 @@ def test_debug_build_fuzz(tmp_path):
     # the debug C has Cython's bounds checks in it; the release one does not
     with open(os.path.join(tmp + "-src", "cext", "fastpath.c")) as f:
         assert "__Pyx_RaiseBufferIndexError" in f.read()
-    r = subprocess.run([sys.executable, FUZZ_PY, "--use-build", lib, "--packets", "20000", "--seed", "9",
+    r = subprocess.run([sys.executable, fuzz.FUZZ_CLI, "--use-build", lib, "--packets", "20000", "--seed", "9",
                         "--ref", "2000"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "(debug build)" in r.stdout and lib in r.stdout
