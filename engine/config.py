@@ -79,6 +79,7 @@ def _maybe_deep(text):
     return _DEEP_BLOCK.search(text) is not None
 
 MAX_FILE_BYTES = 16 * 1024 * 1024     # a manifest larger than this is refused
+DNS_POD_MODES = ("insecure", "verified", "disabled")
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS1123_SUB = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -119,6 +120,28 @@ class DNSConfig:
         "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16"])
     rate_limit: int = 100       # queries per second per source (0: no limit)
     rate_burst: int = 200
+    service_cidr: Optional[str] = None      # set from serviceCIDR: a reverse zone answered with authority
+    pod_cidr: list = field(default_factory=list)   # the pod network's reverse zones (dns.podCIDR)
+    # CoreDNS's `pods` mode. insecure (kube-dns's behaviour and kubeadm's
+    # Corefile): any a-b-c-d.<ns>.pod answers, so what pods rely on keeps
+    # working; verified: only an IP of a pod in that namespace
+    pods: str = "insecure"
+    stub_domains: dict = field(default_factory=dict)   # zone -> [(ip, port)]
+    # the cache of upstream answers (CoreDNS's cache plugin defaults)
+    cache_max_entries: int = 9984
+    cache_max_ttl: int = 3600
+    cache_min_ttl: int = 5
+    cache_negative_max_ttl: int = 1800
+    cache_prefetch: int = 10       # hits within a minute that make a name popular (0: no prefetch)
+    cache_serve_stale: int = 300   # seconds past expiry an answer may be served while upstreams fail
+    tcp_max_connections: int = 256
+    tcp_per_source: int = 16
+    tcp_connection_deadline: int = 30  # seconds a TCP connection lives, however busy
+    tcp_query_deadline: int = 5        # seconds from a query's first byte to its last
+    new_source_rate: int = 1000    # sources not seen before, admitted per second (all together)
+    rrl_rate: int = 100            # identical answers per second per client /24 (0: off)
+    rrl_slip: int = 2              # every Nth answer dropped by RRL goes out truncated (0: none)
+    amplification_limit: int = 3   # UDP answer / query size for a source without a DNS cookie (0: off)
 
 
 @dataclass
@@ -295,29 +318,7 @@ def parse_engine(doc, where):
         if c.scheduler not in SCHEDULERS:
             raise ConfigError(where, "scheduler", f"unknown scheduler {_short(c.scheduler)} (one of {', '.join(SCHEDULERS)})")
     if "dns" in doc:
-        d = _map(where, "dns", doc["dns"])
-        _check_keys(where, "dns", d, {"clusterIP", "domain", "upstream", "ttl", "port", "allowedSources",
-                                      "rateLimit", "rateBurst"})
-        if "allowedSources" in d:
-            c.dns.allowed_sources = [_cidr(where, f"dns.allowedSources[{i}]", a)
-                                     for i, a in enumerate(_list(where, "dns.allowedSources", d["allowedSources"]))]
-        if "rateLimit" in d:
-            c.dns.rate_limit = _int(where, "dns.rateLimit", d["rateLimit"], 0, 1_000_000)
-        if "rateBurst" in d:
-            c.dns.rate_burst = _int(where, "dns.rateBurst", d["rateBurst"], 1, 1_000_000)
-        if "clusterIP" in d:
-            c.dns.cluster_ip = None if d["clusterIP"] in (None, "", "None") else _ipv4(where, "dns.clusterIP", d["clusterIP"])
-        if "domain" in d:
-            c.dns.domain = _str(where, "dns.domain", d["domain"]).strip(".").lower()
-            if not DNS1123_SUB.match(c.dns.domain):
-                raise ConfigError(where, "dns.domain", f"not a DNS domain: {_short(d['domain'])}")
-        if "upstream" in d:
-            ups = d["upstream"] if isinstance(d["upstream"], list) else [d["upstream"]]
-            c.dns.upstream = [_upstream(where, f"dns.upstream[{i}]", u) for i, u in enumerate(ups)]
-        if "ttl" in d:
-            c.dns.ttl = _int(where, "dns.ttl", d["ttl"], 0, 86400)
-        if "port" in d:
-            c.dns.port = _int(where, "dns.port", d["port"], 1, 65535)
+        _dns_section(where, doc["dns"], c.dns)
     if "conntrack" in doc:
         d = _map(where, "conntrack", doc["conntrack"])
         _check_keys(where, "conntrack", d, {"max", "tcpEstablishedTimeout", "tcpCloseWaitTimeout",
@@ -348,7 +349,106 @@ def parse_engine(doc, where):
         raise ConfigError(where, "masqueradeIP", f"{masq} lies inside serviceCIDR {c.service_cidr}")
     if c.dns.cluster_ip and ipaddress.IPv4Address(c.dns.cluster_ip) not in ipaddress.IPv4Network(c.service_cidr):
         raise ConfigError(where, "dns.clusterIP", f"{c.dns.cluster_ip} is not in serviceCIDR {c.service_cidr}")
+    c.dns.service_cidr = c.service_cidr        # its reverse zone is answered with authority
     return c
+
+
+def _dns_section(where, v, dc):
+    """The `dns:` section into DNSConfig dc."""
+    d = _map(where, "dns", v)
+    _check_keys(where, "dns", d, {"clusterIP", "domain", "upstream", "ttl", "port", "allowedSources",
+                                  "rateLimit", "rateBurst", "podCIDR", "pods", "stubDomains", "cache",
+                                  "tcp", "newSourceRate", "responseRateLimit", "amplificationLimit"})
+    if "allowedSources" in d:
+        dc.allowed_sources = [_cidr(where, f"dns.allowedSources[{i}]", a)
+                              for i, a in enumerate(_list(where, "dns.allowedSources", d["allowedSources"]))]
+    if "rateLimit" in d:
+        dc.rate_limit = _int(where, "dns.rateLimit", d["rateLimit"], 0, 1_000_000)
+    if "rateBurst" in d:
+        dc.rate_burst = _int(where, "dns.rateBurst", d["rateBurst"], 1, 1_000_000)
+    if "clusterIP" in d:
+        dc.cluster_ip = None if d["clusterIP"] in (None, "", "None") else _ipv4(where, "dns.clusterIP", d["clusterIP"])
+    if "domain" in d:
+        dc.domain = _str(where, "dns.domain", d["domain"]).strip(".").lower()
+        if not DNS1123_SUB.match(dc.domain):
+            raise ConfigError(where, "dns.domain", f"not a DNS domain: {_short(d['domain'])}")
+    if "upstream" in d:
+        ups = d["upstream"] if isinstance(d["upstream"], list) else [d["upstream"]]
+        dc.upstream = [_upstream(where, f"dns.upstream[{i}]", u) for i, u in enumerate(ups)]
+    if "ttl" in d:
+        dc.ttl = _int(where, "dns.ttl", d["ttl"], 0, 86400)
+    if "port" in d:
+        dc.port = _int(where, "dns.port", d["port"], 1, 65535)
+    if d.get("podCIDR") not in (None, ""):
+        dc.pod_cidr = _any_cidrs(where, "dns.podCIDR", d["podCIDR"])
+    if "pods" in d:
+        dc.pods = _str(where, "dns.pods", d["pods"]).lower()
+        if dc.pods not in DNS_POD_MODES:
+            raise ConfigError(where, "dns.pods", f"unknown mode {_short(d['pods'])} (one of {', '.join(DNS_POD_MODES)})")
+    if "stubDomains" in d:
+        stubs = {}
+        for zone, servers in _map(where, "dns.stubDomains", d["stubDomains"]).items():
+            fld = f"dns.stubDomains[{_short(zone)}]"
+            z = _str(where, fld, zone).strip(".").lower()
+            if not DNS1123_SUB.match(z):
+                raise ConfigError(where, fld, f"not a DNS domain: {_short(zone)}")
+            servers = servers if isinstance(servers, list) else [servers]
+            if not servers:
+                raise ConfigError(where, fld, "needs at least one server")
+            stubs[z] = [_upstream(where, f"{fld}[{i}]", u) for i, u in enumerate(servers)]
+        dc.stub_domains = stubs
+    if "cache" in d:
+        cd = _map(where, "dns.cache", d["cache"])
+        _check_keys(where, "dns.cache", cd, {"maxEntries", "maxTTL", "minTTL", "negativeMaxTTL",
+                                             "prefetch", "serveStale"})
+        if "maxEntries" in cd:
+            dc.cache_max_entries = _int(where, "dns.cache.maxEntries", cd["maxEntries"], 0, 10_000_000)
+        for key, attr in (("maxTTL", "cache_max_ttl"), ("minTTL", "cache_min_ttl"),
+                          ("negativeMaxTTL", "cache_negative_max_ttl")):
+            if key in cd:
+                setattr(dc, attr, _duration(where, f"dns.cache.{key}", cd[key]))
+        if "prefetch" in cd:
+            dc.cache_prefetch = _int(where, "dns.cache.prefetch", cd["prefetch"], 0, 1_000_000)
+        if "serveStale" in cd:
+            v = cd["serveStale"]
+            off = v in ("0", "0s") or (type(v) is int and v == 0)
+            dc.cache_serve_stale = 0 if off else _duration(where, "dns.cache.serveStale", v)
+    if "tcp" in d:
+        td = _map(where, "dns.tcp", d["tcp"])
+        _check_keys(where, "dns.tcp", td, {"maxConnections", "perSource", "connectionDeadline", "queryDeadline"})
+        if "maxConnections" in td:
+            dc.tcp_max_connections = _int(where, "dns.tcp.maxConnections", td["maxConnections"], 1, 65536)
+        if "perSource" in td:
+            dc.tcp_per_source = _int(where, "dns.tcp.perSource", td["perSource"], 1, 65536)
+        if "connectionDeadline" in td:
+            dc.tcp_connection_deadline = _duration(where, "dns.tcp.connectionDeadline", td["connectionDeadline"])
+        if "queryDeadline" in td:
+            dc.tcp_query_deadline = _duration(where, "dns.tcp.queryDeadline", td["queryDeadline"])
+    if "newSourceRate" in d:
+        dc.new_source_rate = _int(where, "dns.newSourceRate", d["newSourceRate"], 0, 10_000_000)
+    if "responseRateLimit" in d:
+        rd = _map(where, "dns.responseRateLimit", d["responseRateLimit"])
+        _check_keys(where, "dns.responseRateLimit", rd, {"responsesPerSecond", "slip"})
+        if "responsesPerSecond" in rd:
+            dc.rrl_rate = _int(where, "dns.responseRateLimit.responsesPerSecond", rd["responsesPerSecond"], 0, 1_000_000)
+        if "slip" in rd:
+            dc.rrl_slip = _int(where, "dns.responseRateLimit.slip", rd["slip"], 0, 10)
+    if "amplificationLimit" in d:
+        dc.amplification_limit = _int(where, "dns.amplificationLimit", d["amplificationLimit"], 0, 100)
+
+
+def _any_cidrs(where, fld, v):
+    """"10.244.0.0/16" or "10.244.0.0/16,fd00:10:244::/56" (or a list) -> [str], v4 or v6."""
+    items = v if isinstance(v, list) else _str(where, fld, v).split(",")
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(str(ipaddress.ip_network(_str(where, fld, item).strip(), strict=False)))
+        except ValueError:
+            raise ConfigError(where, fld, f"not a CIDR: {_short(item)}") from None
+    if not out or len(out) > 2:
+        raise ConfigError(where, fld, "expected one CIDR or a v4,v6 pair")
+    return out
 
 
 def _upstream(where, fld, v):

@@ -375,7 +375,7 @@ class Engine:
             raise ConfigError(self.base.path or "config", "", str(e)) from None
         old = self.smap
         self.smap = smap
-        if self.dns and any(smap.services[k].cluster_ip == "None" for k in affected):
+        if self.dns and (affected or pods):      # endpoint names and PTRs; pods verified, namespaces
             self.dns.update(smap)
         self._cleanup_stale_udp(old, smap, affected)
         self.sync_seconds = time.perf_counter() - t0

@@ -6,16 +6,18 @@ DNSServer owns the sockets (UDP + TCP), the upstream forwarding and the
 counters; update(smap) swaps a freshly built ClusterZone in with one attribute
 assignment, so queries in flight keep the zone they started with.
 
-Names (as CoreDNS's kubernetes plugin, `pods insecure`):
+Names (as CoreDNS's kubernetes plugin):
   svc.ns.svc.<domain>                      A: cluster IP; headless: one A per ready endpoint
-  <hostname|a-b-c-d>.svc.ns.svc.<domain>   A: that endpoint (headless only)
+  <hostname|a-b-c-d>.svc.ns.svc.<domain>   A: that ready endpoint (every service)
   _port._proto.svc.ns.svc.<domain>         SRV per named port (+ A in additional)
   svc.ns.svc.<domain> (ExternalName)       CNAME externalName, then the target's records
-  a-b-c-d.ns.pod.<domain>                  A a.b.c.d
-  d.c.b.a.in-addr.arpa                     PTR for cluster IPs and headless endpoints
+  a-b-c-d.ns.pod.<domain>                  A a.b.c.d (dns.pods: insecure | verified | disabled)
+  d.c.b.a.in-addr.arpa                     PTR for cluster IPs and ready endpoints
   dns-version.<domain>                     TXT "1.1.0"
-Unknown names under the domain: NXDOMAIN; existing names without the type:
-NODATA (NOERROR + SOA). Everything else is forwarded.
+Unknown names under the domain: NXDOMAIN; existing names without the type
+(a known namespace too): NODATA (NOERROR + SOA). The reverse zones of
+serviceCIDR and dns.podCIDR are ours as well: NXDOMAIN + that zone's SOA for
+an address without a PTR. Everything else is forwarded.
 
 Hardening (the server binds a node address and sees clients' real sources):
   - not an open resolver: only sources in `allowed_sources` get recursion
@@ -63,6 +65,7 @@ import dns.rdtypes.ANY.PTR
 import dns.rdtypes.ANY.SOA
 import dns.rdtypes.ANY.TXT
 import dns.rdtypes.IN.A
+import dns.rdtypes.IN.AAAA
 import dns.rdtypes.IN.SRV
 
 from .servicemap import DNS_SERVICE_KEY, ServiceMap, dns_service_info, usable as usable_endpoints
@@ -100,7 +103,12 @@ HOSTNAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 def _dashed(ip):
-    return ip.replace(".", "-")
+    """An endpoint's name from its address, as CoreDNS: 10-244-1-2, fd00--1."""
+    return ip.replace(".", "-").replace(":", "-")
+
+
+def _addr_type(ip):
+    return AAAA if ":" in ip else A
 
 
 def _undashed(label):
@@ -112,7 +120,23 @@ def _undashed(label):
 
 
 def _reverse_key(ip):
-    return ".".join(reversed(ip.split("."))) + ".in-addr.arpa."
+    return ipaddress.ip_address(ip).reverse_pointer + "."
+
+
+def reverse_zones(cidr):
+    """The reverse zones (absolute text) covering exactly `cidr`: its prefix
+    rounded up to a whole label (8 bits for IPv4, a nibble for IPv6), e.g.
+    10.96.0.0/12 -> 96.10.in-addr.arpa. ... 111.10.in-addr.arpa. (16 zones)."""
+    net = ipaddress.ip_network(cidr, strict=False)
+    step = 8 if net.version == 4 else 4
+    plen = -(-net.prefixlen // step) * step
+    out = []
+    for sub in (net.subnets(new_prefix=plen) if plen > net.prefixlen else [net]):
+        labels = sub.network_address.reverse_pointer.split(".")   # address labels, then in-addr.arpa / ip6.arpa
+        keep = plen // step
+        nlab = len(labels) - 2
+        out.append(".".join(labels[nlab - keep:]) + ".")
+    return out
 
 
 def udp_limit(query, validated=False, unvalidated_max=UDP_MAX_UNVALIDATED, udp_max=UDP_MAX):
@@ -234,7 +258,7 @@ class ClusterZone:
     pods=True answers a-b-c-d.<ns>.pod.<domain> (CoreDNS `pods insecure`).
     """
 
-    def __init__(self, smap, cfg, resolver=None, pods=True, serial=None):
+    def __init__(self, smap, cfg, resolver=None, pods=None, serial=None):
         self.cfg = cfg
         self.ttl = int(cfg.ttl)
         domain = cfg.domain.strip(".").lower() or "cluster.local"
@@ -242,31 +266,52 @@ class ClusterZone:
         self.okey = (domain + ".").encode()      # origin key
         self._osuffix = b"." + self.okey
         self.resolver = resolver
-        self.pods = pods
+        self.pods = pods or getattr(cfg, "pods", None) or "insecure"     # insecure | verified | disabled
         self.serial = int(time.time() if serial is None else serial) & 0xFFFFFFFF
         self.records = {}      # key -> {rdtype: [raw value]}, names inside the zone
         self.cnames = {}       # key -> target key (absolute, lowercase), ExternalName services
         self.names = set()     # keys of every name that exists (with records or empty non-terminals)
-        self.ptr = {}          # reverse key -> [target key], cluster IPs and headless endpoints
+        self.ptr = {}          # reverse key -> [target key], cluster IPs and endpoints
         self._cache = {}       # (key, rdtype) -> [rdata], filled on first use
+        # reverse zones we are authoritative for (serviceCIDR, dns.podCIDR):
+        # apex key -> its SOA rdata; names under them without a PTR are NXDOMAIN
+        self.rzones = {}
+        for cidr in [c for c in (getattr(cfg, "service_cidr", None) or "").split(",") if c] + \
+                list(getattr(cfg, "pod_cidr", None) or []):
+            for apex in reverse_zones(cidr):
+                self.rzones[apex.encode()] = self._make_soa(apex)
+        # namespaces that exist: from every object seen (CoreDNS asks for the
+        # Namespace; one with objects surely exists), plus the two every cluster has
+        self.namespaces = {"default", "kube-system"}
+        self.namespaces.update(info.svc.namespace for info in smap.services.values())
+        self.namespaces.update(ns for ns, _ in (smap.pods or {}))
+        self.namespaces.update(ns for ns, _ in (getattr(smap, "slices", None) or {}))
+        self.pod_ips = {(p.namespace, p.ip) for p in (smap.pods or {}).values() if p.ip}   # pods verified
         d = domain + "."
-        self.soa_rdata = dns.rdtypes.ANY.SOA.SOA(
-            IN, SOA, dns.name.from_text("ns.dns." + d), dns.name.from_text("hostmaster." + d),
-            self.serial, 7200, 1800, 86400, self.ttl)
+        self.soa_rdata = self._make_soa(d)
         self._add(d, SOA, self.soa_rdata)
         self._add(d, NS, "ns.dns." + d)
         if cfg.cluster_ip:
             self._add("ns.dns." + d, A, cfg.cluster_ip)
         self._add("dns-version." + d, TXT, DNS_VERSION)
         self._exist("svc." + d)
-        if pods:
-            self._exist("pod." + d)
+        for ns in self.namespaces:               # an existing namespace is NODATA, not NXDOMAIN
+            self._exist(f"{ns}.svc.{d}".lower())
+            if self.pods != "disabled":
+                self._exist(f"{ns}.pod.{d}".lower())
         for info in smap.services.values():
             self._add_service(info)
         if DNS_SERVICE_KEY not in smap.services and cfg.cluster_ip:
             self._add_service(dns_service_info(cfg))     # kube-dns.kube-system, as in any cluster
 
     # -- building ----------------------------------------------------------
+
+    def _make_soa(self, zone):
+        """SOA of zone (absolute text), as CoreDNS: ns.dns.<zone>, hostmaster.<zone>,
+        minimum = TTL = the records' TTL."""
+        return dns.rdtypes.ANY.SOA.SOA(
+            IN, SOA, dns.name.from_text("ns.dns." + zone), dns.name.from_text("hostmaster." + zone),
+            self.serial, 7200, 1800, 86400, self.ttl)
 
     def _exist(self, name):
         """Mark name (str, absolute) and its ancestors down to the origin."""
@@ -302,6 +347,18 @@ class ClusterZone:
             return
         if not info.cluster_ip:
             return
+        # every service's ready endpoints get a name, <hostname or a-b-c-d>.<svc>,
+        # and a PTR to it (CoreDNS's endpointHostname)
+        groups = [(pi.port, pi.usable) for pi in info.ports] or [(None, usable_endpoints(info.addresses))]
+        ep_names = {}                 # ip -> its name under the service
+        for _, eps in groups:
+            for e in eps:
+                if e.ip in ep_names:
+                    continue
+                label = e.hostname.lower() if e.hostname and HOSTNAME.match(e.hostname.lower()) else _dashed(e.ip)
+                ep_names[e.ip] = target = f"{label}.{name}"
+                self._add(target, _addr_type(e.ip), e.ip)
+                self._add_ptr(e.ip, target)
         if info.cluster_ip != "None":
             self._add(name, A, info.cluster_ip)
             self._add_ptr(info.cluster_ip, name)
@@ -312,37 +369,26 @@ class ClusterZone:
             for pi in info.ports:        # SRV at the service name: every port (CoreDNS)
                 self._add(name, SRV, (0, w, pi.port.port, name))
             return
-        # headless: per ready endpoint. No ready endpoint: nothing is added
-        # under the name, so it does not exist (the spec's NXDOMAIN).
-        ep_names = {}                 # ip -> the name SRV and PTR use
-        host_ips = set()
+        # headless: the service name answers every ready endpoint. No ready
+        # endpoint: nothing is added under the name, so it does not exist (the
+        # spec's NXDOMAIN).
+        for ip in ep_names:
+            self._add(name, _addr_type(ip), ip)
         all_srv = []
-        groups = [(pi.port, pi.usable) for pi in info.ports] or [(None, usable_endpoints(info.addresses))]
         for port, eps in groups:
             port_srv = []
             for e in eps:
-                label = e.hostname.lower() if e.hostname and HOSTNAME.match(e.hostname.lower()) else None
-                dashed = f"{_dashed(e.ip)}.{name}"
-                target = f"{label}.{name}" if label else dashed
-                if e.ip not in ep_names:
-                    ep_names[e.ip] = target
-                    self._add(name, A, e.ip)
-                    self._add(dashed, A, e.ip)
-                    self._add_ptr(e.ip, target)
-                if label and (target, e.ip) not in host_ips:
-                    host_ips.add((target, e.ip))
-                    self._add(target, A, e.ip)
-                if port is not None and (target, e.port) not in port_srv:
-                    port_srv.append((target, e.port))
+                if port is not None and (ep_names[e.ip], e.port) not in port_srv:
+                    port_srv.append((ep_names[e.ip], e.port))
             if port is not None and port.name and port_srv:
                 pname = f"_{port.name}._{port.protocol}.{name}".lower()
                 w = max(1, 100 // len(port_srv))
-                for target, port in port_srv:
-                    self._add(pname, SRV, (0, w, port, target))
+                for target, p in port_srv:
+                    self._add(pname, SRV, (0, w, p, target))
             all_srv += [t for t in port_srv if t not in all_srv]
         w = max(1, 100 // max(1, len(all_srv)))
-        for target, port in all_srv:
-            self._add(name, SRV, (0, w, port, target))
+        for target, p in all_srv:
+            self._add(name, SRV, (0, w, p, target))
 
     # -- answering -----------------------------------------------------------
 
@@ -361,7 +407,7 @@ class ClusterZone:
 
     def is_ours(self, name):
         k = self.key(name)
-        return k is not None and (self._in_zone(k) or k in self.ptr)
+        return k is not None and (self._in_zone(k) or k in self.ptr or self._reverse_apex(k) is not None)
 
     def is_local(self, msg):
         """True when answer(msg) needs neither forwarding nor the resolver
@@ -369,7 +415,8 @@ class ClusterZone:
         if len(msg.question) != 1:
             return True
         k = self.key(msg.question[0].name)
-        return k is not None and (self._in_zone(k) or k in self.ptr) and k not in self.cnames
+        return k is not None and k not in self.cnames and (
+            self._in_zone(k) or k in self.ptr or self._reverse_apex(k) is not None)
 
     @staticmethod
     def _name(key):
@@ -378,6 +425,8 @@ class ClusterZone:
     def _rdata(self, rdtype, v):
         if rdtype == A:
             return dns.rdtypes.IN.A.A(IN, A, v)
+        if rdtype == AAAA:
+            return dns.rdtypes.IN.AAAA.AAAA(IN, AAAA, v)
         if rdtype == SRV:
             return dns.rdtypes.IN.SRV.SRV(IN, SRV, v[0], v[1], v[2], self._name(v[3]))
         if rdtype == NS:
@@ -411,14 +460,14 @@ class ClusterZone:
             return True, recs
         if key in self.names:
             return True, {}
-        if self.pods and key.endswith(b".pod" + self._osuffix):
+        if self.pods != "disabled" and key.endswith(b".pod" + self._osuffix):
+            # a-b-c-d.<ns>.pod: insecure answers any address in an existing
+            # namespace; verified only a pod's own (CoreDNS's findPods)
             rel = key[:-len(b".pod" + self._osuffix)].split(b".")
-            if len(rel) == 2:
+            if len(rel) == 2 and rel[1].decode("latin-1") in self.namespaces:
                 ip = _undashed(rel[0].decode("latin-1"))
-                if ip and rel[1]:
+                if ip and (self.pods == "insecure" or (rel[1].decode("latin-1"), ip) in self.pod_ips):
                     return True, {A: [ip]}
-            elif len(rel) == 1 and rel[0]:
-                return True, {}
         return False, {}
 
     def _additional(self, resp, rrsets):
@@ -451,6 +500,9 @@ class ClusterZone:
         if k is None:
             return None
         if not self._in_zone(k):
+            apex = self._reverse_apex(k)
+            if apex is not None and q.rdclass == IN:
+                return self._reverse(msg, qname, k, qtype, apex, recursion)
             if k not in self.ptr or qtype not in (PTR, ANY) or q.rdclass != IN:
                 return None                     # not ours (reverse names of other IPs too)
             resp = _response(msg, aa=True, ra=recursion)
@@ -460,6 +512,41 @@ class ClusterZone:
             return _response(msg, dns.rcode.REFUSED, ra=recursion)
         resp = _response(msg, aa=True, ra=recursion)
         self._resolve(resp, qname, k, qtype, recursion)
+        return resp
+
+    def _reverse_apex(self, k):
+        """The apex key of the reverse zone of ours holding key k, or None."""
+        if not self.rzones or not (k.endswith(b".in-addr.arpa.") or k.endswith(b".ip6.arpa.")):
+            return None
+        while True:
+            if k in self.rzones:
+                return k
+            i = k.find(b".")
+            if i < 0 or i == len(k) - 1:
+                return None
+            k = k[i + 1:]
+
+    def _reverse(self, msg, qname, k, qtype, apex, recursion):
+        """A name in one of our reverse zones: a PTR where an address has one;
+        SOA/NS at the apex; NXDOMAIN with the zone's SOA for the rest (CoreDNS
+        answers other types on reverse names with NXDOMAIN too)."""
+        resp = _response(msg, aa=True, ra=recursion)
+        zname = self._name(apex)
+        soa = self._rrset(zname, SOA, [self.rzones[apex]])
+        if k == apex:
+            if qtype in (SOA, ANY):
+                resp.answer.append(soa)
+            elif qtype == NS:
+                resp.answer.append(self._rrset(zname, NS, [self._rdata(NS, "ns.dns." + apex.decode())]))
+            else:
+                resp.authority.append(soa)
+            return resp
+        ptrs = self.ptr.get(k)
+        if ptrs and qtype in (PTR, ANY):
+            resp.answer.append(self._rrset(qname, PTR, self._rdatas(k, PTR, ptrs)))
+            return resp
+        resp.set_rcode(dns.rcode.NXDOMAIN)
+        resp.authority.append(soa)
         return resp
 
     def _resolve(self, resp, owner, k, qtype, recursion):

@@ -127,3 +127,16 @@ def test_servfail_when_upstream_is_gone(lab, world):
     finally:
         lab.run(host.ns, ["ip", "link", "set", "eth0", "up"])
         lab.run(host.ns, ["ip", "route", "replace", "default", "via", "192.168.50.1"])
+
+
+def test_endpoint_names_and_ptrs(lab, world):
+    """Every service's ready endpoints have a name and a PTR (CoreDNS), and
+    the service CIDR's reverse zone is answered here with authority."""
+    p = lab.pods[0]
+    dashed = p.ip.replace(".", "-")
+    assert short(lab, f"{dashed}.deploy-svc.default.svc.cluster.local") == [p.ip]
+    assert f"{dashed}.deploy-svc.default.svc.cluster.local." in short(lab, "-x", p.ip)
+    out = dig(lab, "-x", "10.96.99.99")
+    assert "status: NXDOMAIN" in out and "96.10.in-addr.arpa. 7 IN SOA ns.dns.96.10.in-addr.arpa." in out
+    out = dig(lab, "other.svc.cluster.local")          # a namespace with objects: NODATA
+    assert "status: NOERROR" in out and "ANSWER: 0" in out and "IN SOA" in out

@@ -311,7 +311,8 @@ def test_headless_a_per_ready_endpoint_distinct(zone):
 
 def test_headless_per_endpoint_names(zone):
     assert rdatas(ask(zone, "db-0.db.default.svc.cluster.local")) == ["10.244.2.2"]
-    assert rdatas(ask(zone, "10-244-2-2.db.default.svc.cluster.local")) == ["10.244.2.2"]
+    # an endpoint with a hostname is known by it alone (CoreDNS's endpointHostname)
+    assert is_nxdomain(ask(zone, "10-244-2-2.db.default.svc.cluster.local"))
     assert rdatas(ask(zone, "10-244-2-3.db.default.svc.cluster.local")) == ["10.244.2.3"]
     assert is_nxdomain(ask(zone, "10-244-2-4.db.default.svc.cluster.local"))     # not ready
     assert is_nxdomain(ask(zone, "db-1.db.default.svc.cluster.local"))           # no hostname
@@ -378,7 +379,7 @@ subsets: [{addresses: [{ip: 10.244.6.1}]}]
     z = ClusterZone(smap, cfg.engine.dns)
     assert rdatas(ask(z, "gov.default.svc.cluster.local")) == ["10.244.4.1"]
     assert rdatas(ask(z, "gov-0.gov.default.svc.cluster.local")) == ["10.244.4.1"]
-    assert rdatas(ask(z, "10-244-4-1.gov.default.svc.cluster.local")) == ["10.244.4.1"]
+    assert is_nxdomain(ask(z, "10-244-4-1.gov.default.svc.cluster.local"))     # known by its hostname
     assert is_nodata(ask(z, "gov.default.svc.cluster.local", "SRV"))
     assert rdatas(ask(z, "1.4.244.10.in-addr.arpa", "PTR"), "PTR") == ["gov-0.gov.default.svc.cluster.local."]
     assert rdatas(ask(z, "sl.default.svc.cluster.local")) == ["10.244.5.1"]
@@ -434,10 +435,97 @@ def test_ptr_for_cluster_ips_and_headless_endpoints(zone):
 
 
 def test_other_reverse_names_are_forwarded(zone):
-    assert ask(zone, "99.99.96.10.in-addr.arpa", "PTR") is None       # unallocated cluster IP
+    """Outside serviceCIDR and dns.podCIDR (unset here) reverse names go upstream."""
     assert ask(zone, "4.2.244.10.in-addr.arpa", "PTR") is None        # not-ready endpoint
     assert ask(zone, "8.8.8.8.in-addr.arpa", "PTR") is None
-    assert ask(zone, "100.100.96.10.in-addr.arpa", "TXT") is None
+    assert ask(zone, "2.2.244.10.in-addr.arpa", "TXT") is None
+
+
+def test_service_cidr_reverse_zone_is_answered_with_authority(zone):
+    """serviceCIDR 10.96.0.0/12 -> zones 96.10.in-addr.arpa .. 111.10.in-addr.arpa:
+    an unallocated address is NXDOMAIN with the zone's SOA, not forwarded."""
+    r = ask(zone, "99.99.96.10.in-addr.arpa", "PTR")
+    assert is_nxdomain(r) and r.flags & dns.flags.AA
+    assert r.authority[0].name.to_text() == "96.10.in-addr.arpa."
+    soa = r.authority[0][0]
+    assert (soa.mname.to_text(), soa.rname.to_text(), soa.minimum, r.authority[0].ttl) == \
+        ("ns.dns.96.10.in-addr.arpa.", "hostmaster.96.10.in-addr.arpa.", 5, 5)
+    assert ask(zone, "1.0.111.10.in-addr.arpa", "PTR").authority[0].name.to_text() == "111.10.in-addr.arpa."
+    assert ask(zone, "1.0.112.10.in-addr.arpa", "PTR") is None          # outside the /12
+    # other types on a reverse name: NXDOMAIN (CoreDNS), partial names too
+    assert is_nxdomain(ask(zone, "100.100.96.10.in-addr.arpa", "TXT"))
+    assert is_nxdomain(ask(zone, "100.96.10.in-addr.arpa", "PTR"))
+    # the apex: SOA and NS answer, other types NODATA
+    assert rdatas(ask(zone, "96.10.in-addr.arpa", "SOA"), "SOA")[0].startswith("ns.dns.96.10.in-addr.arpa.")
+    assert rdatas(ask(zone, "96.10.in-addr.arpa", "NS"), "NS") == ["ns.dns.96.10.in-addr.arpa."]
+    assert is_nodata(ask(zone, "96.10.in-addr.arpa", "PTR"))
+
+
+def test_pod_cidr_reverse_zones_v4_and_v6(tmp_path):
+    cfg = load(tmp_path, CLUSTER.replace("upstream: [192.0.2.53]",
+                                         "upstream: [192.0.2.53], podCIDR: '10.244.0.0/16,fd00:10:244::/56'"))
+    z = ClusterZone(servicemap.build(cfg), cfg.engine.dns)
+    assert rdatas(ask(z, "2.2.244.10.in-addr.arpa", "PTR"), "PTR") == ["db-0.db.default.svc.cluster.local."]
+    r = ask(z, "4.2.244.10.in-addr.arpa", "PTR")        # a not-ready endpoint: not named
+    assert is_nxdomain(r) and r.authority[0].name.to_text() == "244.10.in-addr.arpa."
+    v6 = ask(z, "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.4.4.2.0.0.1.0.0.0.0.d.f.ip6.arpa", "PTR")
+    assert is_nxdomain(v6) and v6.authority[0].name.to_text() == "0.0.4.4.2.0.0.1.0.0.0.0.d.f.ip6.arpa."
+    assert ask(z, "1.0.245.10.in-addr.arpa", "PTR") is None
+    with pytest.raises(config.ConfigError, match="dns.podCIDR"):
+        load(tmp_path, CLUSTER.replace("upstream: [192.0.2.53]", "upstream: [192.0.2.53], podCIDR: nope"))
+
+
+def test_endpoint_names_and_ptrs_for_clusterip_services(zone):
+    """Every service's ready endpoints are named <hostname or a-b-c-d>.<svc>
+    and have a PTR to that name, as CoreDNS (not only headless services)."""
+    assert rdatas(ask(zone, "10-244-1-2.web.default.svc.cluster.local")) == ["10.244.1.2"]
+    assert rdatas(ask(zone, "10-244-1-3.plain.default.svc.cluster.local")) == ["10.244.1.3"]
+    assert is_nxdomain(ask(zone, "10-244-1-4.web.default.svc.cluster.local"))     # not ready
+    assert is_nodata(ask(zone, "10-244-1-2.web.default.svc.cluster.local", "AAAA"))
+    # the service's own A stays its cluster IP
+    assert rdatas(ask(zone, "web.default.svc.cluster.local")) == ["10.96.100.100"]
+    # an endpoint of three services has three PTRs
+    r = ask(zone, "2.1.244.10.in-addr.arpa", "PTR")
+    assert rdatas(r, "PTR") == ["10-244-1-2.np.default.svc.cluster.local.",
+                                "10-244-1-2.plain.default.svc.cluster.local.",
+                                "10-244-1-2.web.default.svc.cluster.local."]
+
+
+def test_existing_namespaces_are_nodata(tmp_path):
+    cfg = load(tmp_path, CLUSTER + pod("lonely", "10.244.7.7", "app: x", ns="quiet"))
+    z = ClusterZone(servicemap.build(cfg), cfg.engine.dns)
+    for name in ("quiet.svc.cluster.local", "prod.svc.cluster.local", "default.svc.cluster.local",
+                 "kube-system.svc.cluster.local", "quiet.pod.cluster.local"):
+        assert is_nodata(ask(z, name)), name
+    assert is_nxdomain(ask(z, "nothere.svc.cluster.local"))
+    assert is_nxdomain(ask(z, "x.quiet.svc.cluster.local"))
+
+
+def test_pod_modes(tmp_path):
+    def zone_for(mode):
+        text = CLUSTER + pod("lonely", "10.244.7.7", "app: x", ns="quiet")
+        if mode:
+            text = text.replace("upstream: [192.0.2.53]", f"upstream: [192.0.2.53], pods: {mode}")
+        c = load(tmp_path, text)
+        assert c.engine.dns.pods == (mode or "insecure")
+        return ClusterZone(servicemap.build(c), c.engine.dns)
+    # insecure (the default): any address in an existing namespace
+    z = zone_for(None)
+    assert rdatas(ask(z, "10-1-2-3.quiet.pod.cluster.local")) == ["10.1.2.3"]
+    assert is_nxdomain(ask(z, "10-1-2-3.nothere.pod.cluster.local"))
+    # verified: only a pod's own address, in its own namespace
+    z = zone_for("verified")
+    assert rdatas(ask(z, "10-244-7-7.quiet.pod.cluster.local")) == ["10.244.7.7"]
+    assert is_nxdomain(ask(z, "10-1-2-3.quiet.pod.cluster.local"))
+    assert is_nxdomain(ask(z, "10-244-7-7.default.pod.cluster.local"))
+    assert is_nodata(ask(z, "quiet.pod.cluster.local"))
+    # disabled: nothing under pod.<domain>
+    z = zone_for("disabled")
+    assert is_nxdomain(ask(z, "10-244-7-7.quiet.pod.cluster.local"))
+    assert is_nxdomain(ask(z, "quiet.pod.cluster.local"))
+    assert is_nxdomain(ask(z, "pod.cluster.local"))
+    with pytest.raises(config.ConfigError, match="dns.pods"):
+        zone_for("sometimes")
 
 
 # -- ExternalName ----------------------------------------------------------------
@@ -536,7 +624,8 @@ def test_empty_service_map_and_update():
     z = ClusterZone(servicemap.ServiceMap(services={}), cfg)
     assert is_nodata(ask(z, "svc.cluster.local"))
     assert is_nxdomain(ask(z, "web.default.svc.cluster.local"))
-    assert is_nxdomain(ask(z, "default.svc.cluster.local"))
+    assert is_nodata(ask(z, "default.svc.cluster.local"))       # every cluster has it
+    assert is_nxdomain(ask(z, "elsewhere.svc.cluster.local"))
 
 
 def test_truncation_keeps_what_fits():
