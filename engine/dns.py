@@ -35,7 +35,6 @@ Hardening (the server binds a node address and sees clients' real sources):
 """
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import errno
 import ipaddress
@@ -46,6 +45,7 @@ import struct
 import threading
 import time
 
+import dns.edns
 import dns.entropy
 import dns.exception
 import dns.flags
@@ -68,6 +68,8 @@ import dns.rdtypes.IN.A
 import dns.rdtypes.IN.AAAA
 import dns.rdtypes.IN.SRV
 
+from .dnsguard import (COOKIE_OPTION, RATE_BURST, RATE_LIMIT, ConnectionCounter, Cookies, NewSourceGate,
+                       RateLimiter, ResponseRateLimiter)
 from .servicemap import DNS_SERVICE_KEY, ServiceMap, dns_service_info, usable as usable_endpoints
 
 log = logging.getLogger("engine.dns")
@@ -84,19 +86,14 @@ MAX_CHAIN = 8                 # CNAME links followed for ExternalName chains
 DNS_VERSION = "1.1.0"         # kubernetes/dns specification version
 OUR_PAYLOAD = 1232            # EDNS payload we advertise (DNS flag day 2020)
 UDP_MIN = 512                 # RFC 1035 UDP limit without EDNS
-UDP_MAX_UNVALIDATED = OUR_PAYLOAD   # EDNS payload honoured for sources not yet seen over TCP
+UDP_MAX_UNVALIDATED = OUR_PAYLOAD   # EDNS payload honoured for sources without a valid DNS cookie
 UDP_MAX = 4096                # no UDP response is ever larger
-VALIDATED_TTL = 600.0         # seconds a source that spoke TCP counts as not spoofed
-VALIDATED_MAX = 65536         # sources remembered as validated (least recent forgotten)
-RATE_LIMIT = 100.0            # queries per second per source address (0: no limit)
-RATE_BURST = 200              # token bucket size per source address
-RATE_SOURCES = 65536          # sources tracked by the rate limiter (least recent forgotten)
 ANY_TTL = 3600                # TTL of the synthesized RFC 8482 HINFO
 # ANY inside the zone: the one RRset answered, by preference (RFC 8482 4.1)
 ANY_PREFERENCE = (A, AAAA, CNAME, PTR, SRV, TXT, SOA, NS)
 FORWARD_BUDGET = 2.0          # seconds for all upstream attempts of one query
-TCP_IDLE = 10.0               # seconds a TCP client may stay silent
-TCP_MAX_CONNS = 256           # concurrent TCP clients; more are closed at once
+TCP_IDLE = 10.0               # seconds a TCP client may stay silent between queries
+UDP_RCVBUF = 4 << 20          # receive buffer: a burst waits in the kernel, not dropped there
 UDP_WORKERS = 32              # threads answering UDP queries
 UDP_MAX_PENDING = 2048        # queued UDP queries beyond this are dropped
 HOSTNAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -141,59 +138,33 @@ def reverse_zones(cidr):
 
 def udp_limit(query, validated=False, unvalidated_max=UDP_MAX_UNVALIDATED, udp_max=UDP_MAX):
     """Largest UDP response for this query: 512, or the client's EDNS payload
-    size, but at most unvalidated_max for a source that has not shown over
-    TCP that its address is its own, and never more than udp_max."""
+    size, but at most unvalidated_max for a source that has not shown (with
+    a valid DNS cookie) that its address is its own, never more than udp_max."""
     if query is not None and query.edns >= 0:
         cap = udp_max if validated else min(unvalidated_max, udp_max)
         return max(UDP_MIN, min(query.payload, cap))
     return UDP_MIN
 
 
-class RateLimiter:
-    """Per-key token buckets: `rate` tokens a second, at most `burst`; one
-    token per query. At most `max_keys` keys are tracked (a spoofed flood
-    cannot grow the table): the least recently seen is forgotten first.
-    rate <= 0 disables the limit. Thread-safe; the clock is injectable."""
-
-    def __init__(self, rate=RATE_LIMIT, burst=RATE_BURST, max_keys=RATE_SOURCES, clock=time.monotonic):
-        self.rate = float(rate or 0)
-        self.burst = float(max(1, burst))
-        self.max_keys = max(1, int(max_keys))
-        self.clock = clock
-        self._buckets = collections.OrderedDict()      # key -> [tokens, last refill]
-        self._lock = threading.Lock()
-
-    def allow(self, key):
-        if self.rate <= 0:
-            return True
-        now = self.clock()
-        with self._lock:
-            b = self._buckets.get(key)
-            if b is None:
-                if len(self._buckets) >= self.max_keys:
-                    self._buckets.popitem(last=False)
-                b = self._buckets[key] = [self.burst, now]
-            else:
-                self._buckets.move_to_end(key)
-                b[0] = min(self.burst, b[0] + (now - b[1]) * self.rate)
-                b[1] = now
-            if b[0] >= 1.0:
-                b[0] -= 1.0
-                return True
-            return False
-
-    def __len__(self):
-        return len(self._buckets)
+def _wire_within(msg, limit):
+    """msg's wire form if it takes at most `limit` bytes, else None.
+    (dnspython's own max_size never goes below 512.)"""
+    try:
+        w = msg.to_wire(max_size=max(512, limit))
+    except dns.exception.TooBig:
+        return None
+    return w if len(w) <= limit else None
 
 
 def to_wire_limited(resp, limit):
     """Render resp in at most `limit` bytes: (wire, truncated). When it does
     not fit, keep as many answer records as fit, drop the other sections
-    (EDNS stays) and set TC, as CoreDNS does."""
-    try:
-        return resp.to_wire(max_size=limit), False
-    except dns.exception.TooBig:
-        pass
+    (EDNS stays) and set TC, as CoreDNS does. limit 0: no records at all
+    (RRL's slip)."""
+    if limit > 0:
+        w = _wire_within(resp, limit)
+        if w is not None:
+            return w, False
     recs = [(rr.name, rr.rdclass, rr.rdtype, rr.ttl, rd) for rr in resp.answer for rd in rr]
 
     def build(k):
@@ -208,21 +179,68 @@ def to_wire_limited(resp, limit):
             rrset.add(rd, ttl)
         return t
 
-    # invariant: lo fits (header + question fit in 512); a record takes at least 11 bytes
+    if limit <= 0:
+        return build(0).to_wire(), True
+    # a record takes at least 11 bytes
     lo, hi = 0, min(len(recs), limit // 11)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        try:
-            build(mid).to_wire(max_size=limit)
+        if _wire_within(build(mid), limit) is not None:
             lo = mid
-        except dns.exception.TooBig:
+        else:
             hi = mid - 1
-    try:
-        return build(lo).to_wire(max_size=limit), True
-    except dns.exception.TooBig:      # a question too long for the limit: header only
+    w = _wire_within(build(lo), limit)
+    if w is None:                     # a question too long for the limit: header (and EDNS) only
         t = build(0)
         t.question = []
-        return t.to_wire(), True
+        w = t.to_wire()
+    return w, True
+
+
+# The answer table: what the zone answered once is answered again from
+# bytes. A plain query (one question, class IN, no EDNS or an EDNS 0 OPT
+# without options or DO) is parsed by hand, its lowercased name and type looked
+# up in the zone's table of wire answers, and the answer spliced from the
+# query's own header and question (the client's spelling) and the stored
+# sections. Anything else goes the dnspython way, which fills the table.
+OPT_OURS = b"\x00\x00\x29" + struct.pack("!H", OUR_PAYLOAD) + b"\x00" * 6   # our OPT RR, no options
+ANSWER_TABLE_MAX = 200000     # entries per zone (the names that exist bound it anyway)
+QR_AA = 0x8400
+
+
+def plain_query(wire):
+    """(qname wire, lowercased, qtype, end of question, EDNS payload or 0)
+    of a plain query, or None for anything else (bounds-checked)."""
+    n = len(wire)
+    if n < 17 or n > 512 or wire[2] & 0xF8 or wire[4:10] != b"\x00\x01\x00\x00\x00\x00":
+        return None                       # a response, another opcode, counts other than 1/0/0
+    i = 12
+    while True:
+        if i >= n:
+            return None
+        ln = wire[i]
+        if ln == 0:
+            break
+        if ln > 63:                       # compression or extended labels: not in a plain question
+            return None
+        i += ln + 1
+    qend = i + 5
+    if qend > n or wire[i + 3:i + 5] != b"\x00\x01":
+        return None
+    qtype = (wire[i + 1] << 8) | wire[i + 2]
+    arcount = (wire[10] << 8) | wire[11]
+    payload = 0
+    if arcount == 0:
+        if qend != n:
+            return None
+    elif arcount == 1:
+        # root owner, type OPT, payload, ext-rcode 0, version 0, no DO, no options
+        if n - qend != 11 or wire[qend:qend + 3] != b"\x00\x00\x29" or wire[qend + 5:n] != b"\x00" * 6:
+            return None
+        payload = max(UDP_MIN, (wire[qend + 3] << 8) | wire[qend + 4])
+    else:
+        return None
+    return wire[12:i + 1], wire[12:i + 1].lower(), qtype, qend, payload
 
 
 def error_from_header(wire, rcode):
@@ -273,6 +291,9 @@ class ClusterZone:
         self.names = set()     # keys of every name that exists (with records or empty non-terminals)
         self.ptr = {}          # reverse key -> [target key], cluster IPs and endpoints
         self._cache = {}       # (key, rdtype) -> [rdata], filled on first use
+        # (lowercased qname wire, qtype) -> (flags, ancount, nscount, arcount, sections after
+        # the question): the answer table (see plain_query), filled as names are asked
+        self.wire_answers = {}
         # reverse zones we are authoritative for (serviceCIDR, dns.podCIDR):
         # apex key -> its SOA rdata; names under them without a PTR are NXDOMAIN
         self.rzones = {}
@@ -602,13 +623,18 @@ class DNSServer:
     for every client.
     rate_limit, rate_burst: per-source token bucket (queries/s, bucket size;
     rate_limit 0 turns it off). Excess UDP is dropped, excess TCP REFUSED.
+    new_source_rate: the global budget of sources not seen before (a/s).
+    rrl_rate, rrl_slip: response-rate limiting (see ResponseRateLimiter).
+    amplification_limit: a UDP answer to a source without a valid DNS cookie
+    is at most this many times the query's size (0: no such bound).
     udp_max_unvalidated, udp_max: UDP response caps (see udp_limit).
     Unset, each comes from the DNSConfig attribute of the same name when it
     has one, else from the module default.
     """
 
     def __init__(self, cfg, bind_ip, port=None, allowed_sources=None, rate_limit=None, rate_burst=None,
-                 udp_max_unvalidated=None, udp_max=None, clock=time.monotonic):
+                 udp_max_unvalidated=None, udp_max=None, clock=time.monotonic, new_source_rate=None,
+                 rrl_rate=None, rrl_slip=None, amplification_limit=None):
         def setting(value, name, default):
             return value if value is not None else getattr(cfg, name, None) if getattr(cfg, name, None) is not None \
                 else default
@@ -618,18 +644,30 @@ class DNSServer:
         allowed_sources = setting(allowed_sources, "allowed_sources", None)
         self.allowed_sources = None if allowed_sources is None else [
             ipaddress.ip_network(n, strict=False) for n in allowed_sources]
+        nsr = int(setting(new_source_rate, "new_source_rate", 0))
+        self.gate = NewSourceGate(nsr) if nsr > 0 else None
         self.limiter = RateLimiter(setting(rate_limit, "rate_limit", RATE_LIMIT),
-                                   setting(rate_burst, "rate_burst", RATE_BURST), clock=clock)
+                                   setting(rate_burst, "rate_burst", RATE_BURST), clock=clock, gate=self.gate)
+        self.rrl = ResponseRateLimiter(int(setting(rrl_rate, "rrl_rate", 0)), int(setting(rrl_slip, "rrl_slip", 2)),
+                                       clock=clock)
+        self.amplification_limit = int(setting(amplification_limit, "amplification_limit", 0))
+        self.cookies = Cookies()
+        self.tcp_per_source = int(setting(None, "tcp_per_source", 16))
+        self.tcp_max_connections = int(setting(None, "tcp_max_connections", 256))
+        self.tcp_connection_deadline = float(setting(None, "tcp_connection_deadline", 30))
+        self.tcp_query_deadline = float(setting(None, "tcp_query_deadline", 5))
+        self.conns = ConnectionCounter(self.tcp_per_source, self.tcp_max_connections)
         self.udp_max = int(setting(udp_max, "udp_max", UDP_MAX))
         self.udp_max_unvalidated = int(setting(udp_max_unvalidated, "udp_max_unvalidated", UDP_MAX_UNVALIDATED))
         self.clock = clock
-        self._validated = collections.OrderedDict()    # source -> until (clock), seen over TCP
         self.upstream = [tuple(u) for u in (cfg.upstream or [])]
         self.budget = FORWARD_BUDGET
         self.stats = dict.fromkeys(("queries", "udp", "tcp", "noerror", "nxdomain", "forwarded",
                                     "servfail", "refused", "formerr", "notimp", "truncated",
                                     "dropped", "upstream_errors", "other", "ratelimited",
-                                    "any_minimal"), 0)
+                                    "any_minimal", "rrl_dropped", "rrl_slipped", "cookie_valid",
+                                    "tcp_refused", "tcp_deadline", "fast"), 0)
+        self._allowed_memo = {}
         self._stats_lock = threading.Lock()
         self.zone = ClusterZone(ServiceMap(services={}), cfg, resolver=self._upstream_lookup)
         self._udp = self._tcp = None
@@ -665,6 +703,13 @@ class DNSServer:
                 if self.port != 0 or e.errno != errno.EADDRINUSE or attempt == 19:
                     raise
         self.port = port
+        for opt in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
+            try:                            # FORCE passes rmem_max (root); else what the kernel allows
+                if opt is not None:
+                    udp.setsockopt(socket.SOL_SOCKET, opt, UDP_RCVBUF)
+                    break
+            except OSError:
+                continue
         udp.settimeout(0.5)
         tcp.settimeout(0.5)
         self._udp, self._tcp = udp, tcp
@@ -709,6 +754,74 @@ class DNSServer:
         with self._stats_lock:
             self.stats[key] = self.stats.get(key, 0) + n
 
+    def _count_all(self, keys):
+        with self._stats_lock:
+            st = self.stats
+            for k in keys:
+                st[k] = st.get(k, 0) + 1
+
+    def _allowed_cached(self, src_ip):
+        """allowed(), remembered per source (bounded)."""
+        a = self._allowed_memo.get(src_ip)
+        if a is None:
+            if len(self._allowed_memo) > 65536:
+                self._allowed_memo.clear()
+            a = self._allowed_memo[src_ip] = self.allowed(src_ip)
+        return a
+
+    def fast_answer(self, wire, src_ip):
+        """The answer to a plain UDP query from the zone's answer table:
+        bytes, b"" for "send nothing" (RRL), or None when the table does not
+        have it (the caller takes the dnspython way). The source's rate
+        budget was already charged."""
+        pq = plain_query(wire)
+        if pq is None:
+            return None
+        qname, lname, qtype, qend, payload = pq
+        hit = self.zone.wire_answers.get((lname, qtype))
+        if hit is None:
+            return None
+        flags, an, ns, ar, tail = hit
+        edns = payload > 0
+        limit = min(payload, self.udp_max_unvalidated, self.udp_max) if edns else UDP_MIN
+        if self.amplification_limit:
+            limit = min(limit, self.amplification_limit * len(wire))
+        size = qend + len(tail) + (11 if edns else 0)
+        if size > limit:
+            return None                   # the dnspython way truncates it properly
+        flags |= wire[2] << 8 & 0x0100    # RD as asked
+        if self._allowed_cached(src_ip):
+            flags |= 0x0080               # RA
+        if self.rrl.enabled:
+            verdict = self.rrl.check(src_ip, (lname, qtype, flags & 0xF))
+            if verdict != "ok":
+                self._count_all(("queries", "udp", "rrl_slipped" if verdict == "slip" else "rrl_dropped"))
+                if verdict == "drop":
+                    return b""
+                return wire[:2] + struct.pack("!HHHHH", flags | 0x0200, 1, 0, 0, 1 if edns else 0) \
+                    + qname + wire[qend - 4:qend] + (OPT_OURS if edns else b"")
+        self._count_all(("queries", "udp", "noerror", "fast"))
+        return wire[:2] + struct.pack("!HHHHH", flags, 1, an, ns, ar + edns) + qname + wire[qend - 4:qend] \
+            + tail + (OPT_OURS if edns else b"")
+
+    def _remember(self, zone, q):
+        """Put q's answer into zone's answer table when it is the zone's own
+        and the same for every client (no upstream part)."""
+        qq = q.question[0]
+        if qq.rdclass != IN or len(zone.wire_answers) >= ANSWER_TABLE_MAX or not zone.is_local(q):
+            return
+        lname = qq.name.to_wire().lower()
+        key = (lname, qq.rdtype)
+        if key in zone.wire_answers:
+            return
+        canon = zone.answer(dns.message.make_query(dns.name.from_wire(lname, 0)[0], qq.rdtype), recursion=False)
+        if canon is None or canon.rcode() != dns.rcode.NOERROR:
+            return
+        w = canon.to_wire()
+        an, ns, ar = struct.unpack("!HHH", w[6:12])
+        flags = QR_AA if canon.flags & dns.flags.AA else 0x8000
+        zone.wire_answers[key] = (flags, an, ns, ar, w[12 + len(lname) + 4:])
+
     def allowed(self, src_ip):
         if self.allowed_sources is None:
             return True
@@ -718,27 +831,11 @@ class DNSServer:
             return False
         return any(a in n for n in self.allowed_sources)
 
-    def validate(self, src_ip):
-        """src_ip has completed a TCP handshake: its address is its own."""
-        with self._lock:
-            self._validated[src_ip] = self.clock() + VALIDATED_TTL
-            self._validated.move_to_end(src_ip)
-            while len(self._validated) > VALIDATED_MAX:
-                self._validated.popitem(last=False)
-
-    def validated(self, src_ip):
-        with self._lock:
-            until = self._validated.get(src_ip)
-            if until is None:
-                return False
-            if until <= self.clock():
-                del self._validated[src_ip]
-                return False
-            return True
-
-    def admit(self, src_ip):
-        """One query's worth of src_ip's rate budget: False when spent."""
-        return self.limiter.allow(src_ip)
+    def admit(self, src_ip, verified=False):
+        """One query's worth of src_ip's rate budget: False when spent, or
+        when src_ip is new and the global budget of new sources is spent
+        (verified: a TCP client, whose handshake proved its address)."""
+        return self.limiter.allow(src_ip, verified)
 
     def handle(self, wire, src_ip, tcp=False, query=None, admitted=False):
         """Query bytes -> response bytes, or None (drop). Never raises.
@@ -747,7 +844,7 @@ class DNSServer:
         self._count("queries")
         self._count("tcp" if tcp else "udp")
         try:
-            if not admitted and not self.admit(src_ip):
+            if not admitted and not self.admit(src_ip, verified=tcp):
                 return self._ratelimited(wire, tcp)
             return self._handle(wire, src_ip, tcp, query)
         except Exception:
@@ -769,7 +866,7 @@ class DNSServer:
 
     def _handle(self, wire, src_ip, tcp, q):
         if q is not None:
-            return self._answer(q, src_ip, tcp)
+            return self._answer(q, src_ip, tcp, len(wire))
         if len(wire) < 12:
             self._count("dropped")
             return None
@@ -785,48 +882,95 @@ class DNSServer:
         except Exception:                  # dns.exception.* and anything odd in rdata parsing
             self._count("formerr")
             return error_from_header(wire, dns.rcode.FORMERR)
-        return self._answer(q, src_ip, tcp)
+        return self._answer(q, src_ip, tcp, len(wire))
 
-    def _answer(self, q, src_ip, tcp):
+    def _cookie(self, q, src_ip):
+        """(valid, client cookie or None, malformed) of q's COOKIE option."""
+        for opt in q.options if q.edns >= 0 else ():
+            if opt.otype == COOKIE_OPTION:
+                ok, client = self.cookies.check(opt.to_wire(), src_ip)
+                return ok, client, client is None
+        return False, None, False
+
+    def _answer(self, q, src_ip, tcp, qsize):
         if q.edns > 0:                     # RFC 6891: only version 0
             r = _response(q)
             r.use_edns(0, 0, OUR_PAYLOAD)
             r.set_rcode(dns.rcode.BADVERS)
             return r.to_wire()
-        allowed = self.allowed(src_ip)
-        zone = self.zone                   # one zone for the whole query
-        r = zone.answer(q, recursion=allowed)
-        if r is None:
-            if not allowed:
-                r = _response(q, dns.rcode.REFUSED, ra=False)
-            elif q.question[0].rdtype == ANY:
-                # RFC 8482 4.2: a synthesized HINFO, not an upstream's every record
-                self._count("any_minimal")
-                r = _response(q)
-                r.answer.append(dns.rrset.from_rdata(q.question[0].name, ANY_TTL, dns.rdtypes.ANY.HINFO.HINFO(
-                    IN, HINFO, b"RFC8482", b"")))
-            elif not self.upstream:
-                r = _response(q, dns.rcode.SERVFAIL)
-            else:
-                self._count("forwarded")
-                r = self.forward(q)
-                if r is None:
-                    r = _response(q, dns.rcode.SERVFAIL)
-                else:
-                    r.id = q.id
-                    r.question = list(q.question)     # the client's spelling (0x20)
+        verified, client_cookie, malformed = self._cookie(q, src_ip)
+        if malformed:                      # RFC 7873 5.2.2
+            self._count("formerr")
+            return _response(q, dns.rcode.FORMERR).to_wire()
+        if verified:
+            self._count("cookie_valid")
+        zone = self.zone
+        r = self._resolve(q, src_ip, zone)
         rc = r.rcode()
+        if rc == dns.rcode.NOERROR and len(q.question) == 1:
+            self._remember(zone, q)
         self._count({dns.rcode.NOERROR: "noerror", dns.rcode.NXDOMAIN: "nxdomain",
                      dns.rcode.SERVFAIL: "servfail", dns.rcode.REFUSED: "refused",
                      dns.rcode.FORMERR: "formerr", dns.rcode.NOTIMP: "notimp"}.get(rc, "other"))
-        if not tcp:
-            limit = udp_limit(q, self.validated(src_ip), self.udp_max_unvalidated, self.udp_max)
-        else:
-            limit = 65535
+        if q.edns >= 0:                    # our EDNS, our cookie (never an upstream's)
+            opts = [o for o in r.options if o.otype != COOKIE_OPTION] if r.edns >= 0 else []
+            if client_cookie is not None:
+                opts.append(dns.edns.GenericOption(COOKIE_OPTION, client_cookie + self.cookies.server_cookie(
+                    client_cookie, src_ip)))
+            r.use_edns(0, r.ednsflags if r.edns >= 0 else 0, OUR_PAYLOAD, options=opts)
+        if tcp:
+            return to_wire_limited(r, 65535)[0]
+        if not verified and self.rrl.enabled:
+            verdict = self.rrl.check(src_ip, self._rrl_key(q, r))
+            if verdict != "ok":
+                self._count("rrl_" + ("slipped" if verdict == "slip" else "dropped"))
+                if verdict == "drop":
+                    return None
+                return to_wire_limited(r, 0)[0]        # TC=1, header and question (and EDNS) only
+        limit = udp_limit(q, verified, self.udp_max_unvalidated, self.udp_max)
+        if not verified and self.amplification_limit:
+            limit = min(limit, self.amplification_limit * qsize)
         out, truncated = to_wire_limited(r, limit)
         if truncated:
             self._count("truncated")
         return out
+
+    @staticmethod
+    def _rrl_key(q, r):
+        """What counts as the same response for RRL: the name, type and rcode;
+        NXDOMAINs per zone (the SOA's owner), so random names do not spread."""
+        rc = r.rcode()
+        qq = q.question[0] if q.question else None
+        if rc == dns.rcode.NXDOMAIN and r.authority:
+            return ("nx", r.authority[0].name)
+        if rc not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN) or qq is None:
+            return ("err", rc)
+        return (qq.name.to_wire().lower(), qq.rdtype, rc)
+
+    def _resolve(self, q, src_ip, zone):
+        """The response message for q: from the zone, else forwarded."""
+        allowed = self._allowed_cached(src_ip)
+        r = zone.answer(q, recursion=allowed)
+        if r is not None:
+            return r
+        if not allowed:
+            return _response(q, dns.rcode.REFUSED, ra=False)
+        if q.question[0].rdtype == ANY:
+            # RFC 8482 4.2: a synthesized HINFO, not an upstream's every record
+            self._count("any_minimal")
+            r = _response(q)
+            r.answer.append(dns.rrset.from_rdata(q.question[0].name, ANY_TTL, dns.rdtypes.ANY.HINFO.HINFO(
+                IN, HINFO, b"RFC8482", b"")))
+            return r
+        if not self.upstream:
+            return _response(q, dns.rcode.SERVFAIL)
+        self._count("forwarded")
+        r = self.forward(q)
+        if r is None:
+            return _response(q, dns.rcode.SERVFAIL)
+        r.id = q.id
+        r.question = list(q.question)     # the client's spelling (0x20)
+        return r
 
     # -- upstream -----------------------------------------------------------
 
@@ -900,9 +1044,19 @@ class DNSServer:
                 continue
             # the rate limit first: a flood costs one dict lookup per packet
             if not self.admit(addr[0]):
-                self._count("queries")
-                self._count("udp")
-                self._count("ratelimited")
+                self._count_all(("queries", "udp", "ratelimited"))
+                continue
+            try:
+                out = self.fast_answer(wire, addr[0])
+            except Exception:
+                log.exception("answer table: query from %s", addr[0])
+                out = None
+            if out is not None:
+                if out:
+                    try:
+                        sock.sendto(out, addr)
+                    except OSError as e:
+                        log.debug("udp reply to %s: %s", addr, e)
                 continue
             # zone answers inline (microseconds); what may wait on the upstream
             # goes to the workers, so a dead upstream never delays the zone
@@ -952,46 +1106,74 @@ class DNSServer:
                     return
                 time.sleep(0.01)
                 continue
+            # per source and in total: one host at its cap cannot lock the others out
+            why = self.conns.acquire(addr[0])
+            if why != "ok":
+                conn.close()
+                self._count("tcp_refused")
+                log.debug("tcp from %s refused: %s connection cap", addr[0], why)
+                continue
             with self._lock:
-                if len(self._tcp_conns) >= TCP_MAX_CONNS:
-                    conn.close()
-                    self._count("dropped")
-                    continue
                 self._tcp_conns.add(conn)
-            threading.Thread(target=self._tcp_conn, args=(conn, addr), name="dns-tcp", daemon=True).start()
+            try:
+                threading.Thread(target=self._tcp_conn, args=(conn, addr), name="dns-tcp", daemon=True).start()
+            except RuntimeError:            # no thread to be had: give the slot back
+                self._tcp_done(conn, addr)
 
     def _tcp_conn(self, conn, addr):
-        self.validate(addr[0])              # a completed handshake: not a spoofed source
+        """Queries of one TCP connection until it closes, within deadlines
+        that a trickle of bytes does not extend: the connection's whole
+        life, each query from its first byte to its last, and the silence
+        before the next query."""
+        now = time.monotonic()
+        end = now + self.tcp_connection_deadline
         try:
-            conn.settimeout(TCP_IDLE)
             while not self._closing.is_set():
-                hdr = _recv_exact(conn, 2)
-                if hdr is None:
+                now = time.monotonic()
+                first = _recv_exact(conn, 1, min(end, now + TCP_IDLE))
+                if first is None:
                     return
-                (n,) = struct.unpack("!H", hdr)
+                qend = min(end, time.monotonic() + self.tcp_query_deadline)
+                rest = _recv_exact(conn, 1, qend)
+                if rest is None:
+                    return
+                (n,) = struct.unpack("!H", first + rest)
                 if n == 0:
                     return
-                wire = _recv_exact(conn, n)
+                wire = _recv_exact(conn, n, qend)
                 if wire is None:
                     return
                 out = self.handle(wire, addr[0], tcp=True)
                 if out is None:
                     continue
+                conn.settimeout(max(0.01, end - time.monotonic()))   # a client that does not read
                 conn.sendall(struct.pack("!H", len(out)) + out)
+        except socket.timeout:
+            self._count("tcp_deadline")
         except OSError:
             pass
         finally:
-            with self._lock:
-                self._tcp_conns.discard(conn)
-            try:
-                conn.close()
-            except OSError:
-                pass
+            self._tcp_done(conn, addr)
+
+    def _tcp_done(self, conn, addr):
+        with self._lock:
+            self._tcp_conns.discard(conn)
+        self.conns.release(addr[0])
+        try:
+            conn.close()
+        except OSError:
+            pass
 
 
-def _recv_exact(conn, n):
+def _recv_exact(conn, n, deadline):
+    """n bytes from conn by `deadline` (monotonic), None at EOF; raises
+    socket.timeout when the deadline passes, however the bytes trickle."""
     buf = b""
     while len(buf) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("deadline")
+        conn.settimeout(left)
         chunk = conn.recv(n - len(buf))
         if not chunk:
             return None

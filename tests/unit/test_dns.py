@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import dns.edns
 import dns.flags
 import dns.message
 import dns.name
@@ -711,6 +712,26 @@ def tcp(srv, name, rdtype="A", **kw):
     return dns.query.tcp(dns.message.make_query(name, rdtype, **kw), "127.0.0.1", port=srv.port, timeout=5)
 
 
+CLIENT_COOKIE = b"\x01\x02\x03\x04\x05\x06\x07\x08"
+
+
+def cookie_of(r):
+    return next((o.to_wire() for o in r.options if o.otype == 10), None)
+
+
+def udp_with_cookie(srv, name, rdtype="A", payload=4096):
+    """As a resolver that keeps DNS cookies: a first query learns the server
+    cookie, the second returns it (the address is proven: answers of any size)."""
+    opt = dns.edns.GenericOption(10, CLIENT_COOKIE)
+    r = dns.query.udp(dns.message.make_query(name, rdtype, use_edns=0, payload=payload, options=[opt]),
+                      "127.0.0.1", port=srv.port, timeout=5)
+    full = cookie_of(r)
+    assert full is not None and full[:8] == CLIENT_COOKIE and len(full) == 24
+    opt = dns.edns.GenericOption(10, full)
+    return dns.query.udp(dns.message.make_query(name, rdtype, use_edns=0, payload=payload, options=[opt]),
+                         "127.0.0.1", port=srv.port, timeout=5)
+
+
 def test_server_answers_zone_over_udp_and_tcp(tmp_path):
     srv = start_server(tmp_path, None)
     try:
@@ -771,6 +792,8 @@ def test_server_forwards_to_upstream(tmp_path, upstream):
         r = tcp(srv, "big.example", "TXT")
         assert not r.flags & dns.flags.TC and len(r.answer[0]) == 3
         r = udp(srv, "big.example", "TXT", use_edns=0, payload=4096)
+        assert r.flags & dns.flags.TC            # no cookie: 3x the query at most
+        r = udp_with_cookie(srv, "big.example", "TXT")
         assert not r.flags & dns.flags.TC and len(r.answer[0]) == 3
         assert srv.stats["forwarded"] >= 9
     finally:
@@ -839,14 +862,14 @@ def test_server_truncates_udp_and_tcp_is_complete(tmp_path):
         assert r.flags & dns.flags.TC
         assert sum(len(rr) for rr in r.answer) < 100
         assert len(r.to_wire()) <= 512
-        r = udp(srv, "many.default.svc.cluster.local", use_edns=0, payload=1232)
+        r = udp_with_cookie(srv, "many.default.svc.cluster.local", payload=1232)
         assert r.flags & dns.flags.TC and 30 < sum(len(rr) for rr in r.answer) < 100
         r = tcp(srv, "many.default.svc.cluster.local")
         assert not r.flags & dns.flags.TC
         assert len(rdatas(r)) == 100
         r = tcp(srv, "_http._tcp.many.default.svc.cluster.local", "SRV")
         assert len(rdatas(r, "SRV")) == 100 and len(rdatas(r, "A", "additional")) == 100
-        assert srv.stats["truncated"] == 2
+        assert srv.stats["truncated"] == 3
     finally:
         srv.close()
 
@@ -982,7 +1005,7 @@ def test_default_limits():
 
 def test_udp_over_the_rate_is_dropped_silently_and_counted(tmp_path):
     clock = Clock()
-    srv = hardened(tmp_path, rate_limit=100, rate_burst=200, clock=clock)
+    srv = hardened(tmp_path, rate_limit=100, rate_burst=200, clock=clock, rrl_rate=0)
     _, w = query("web.default.svc.cluster.local")
     out = [srv.handle(w, "198.51.100.7") for _ in range(250)]
     assert all(o is not None for o in out[:200])
@@ -1075,8 +1098,8 @@ def test_udp_limit():
     assert udp_limit(q) == 512                                # less than 512 means 512
 
 
-def test_answer_size_bounded_until_the_source_is_validated_over_tcp(tmp_path):
-    srv = hardened(tmp_path, clock=Clock())
+def test_answer_size_bounded_until_the_source_returns_a_valid_cookie(tmp_path):
+    srv = hardened(tmp_path, clock=Clock(), rrl_rate=0, amplification_limit=0)
     big = "many.default.svc.cluster.local"                     # 100 A records, ~1.7 kB
     r = srv.handle(query(big)[1], "198.51.100.9")
     assert len(r) <= 512 and dns.message.from_wire(r).flags & dns.flags.TC
@@ -1084,27 +1107,37 @@ def test_answer_size_bounded_until_the_source_is_validated_over_tcp(tmp_path):
     assert len(r) <= 1232 and dns.message.from_wire(r).flags & dns.flags.TC
     full = srv.handle(query(big)[1], "198.51.100.9", tcp=True)
     assert len(rdatas(dns.message.from_wire(full))) == 100
-    srv.validate("198.51.100.9")                              # it spoke TCP: its address is real
-    r = srv.handle(query(big, use_edns=0, payload=4096)[1], "198.51.100.9")
+    # a client cookie alone proves nothing; the server cookie comes back with it
+    first = dns.message.from_wire(srv.handle(query(big, use_edns=0, payload=4096, options=[
+        dns.edns.GenericOption(10, CLIENT_COOKIE)])[1], "198.51.100.9"))
+    cookie = cookie_of(first)
+    assert first.flags & dns.flags.TC and cookie[:8] == CLIENT_COOKIE and len(cookie) == 24
+    ask_with = query(big, use_edns=0, payload=4096, options=[dns.edns.GenericOption(10, cookie)])[1]
+    r = srv.handle(ask_with, "198.51.100.9")
     m = dns.message.from_wire(r)
     assert 1232 < len(r) <= 4096 and not m.flags & dns.flags.TC and len(rdatas(m)) == 100
-    r = srv.handle(query("_http._tcp.many.default.svc.cluster.local", "SRV", use_edns=0, payload=65000)[1],
-                   "198.51.100.9")
+    assert cookie_of(m)[:8] == CLIENT_COOKIE and srv.stats["cookie_valid"] == 1
+    # the same cookie from another address (a spoofer replaying it) is not valid there
+    assert dns.message.from_wire(srv.handle(ask_with, "198.51.100.10")).flags & dns.flags.TC
+    r = srv.handle(query("_http._tcp.many.default.svc.cluster.local", "SRV", use_edns=0, payload=65000,
+                         options=[dns.edns.GenericOption(10, cookie)])[1], "198.51.100.9")
     assert len(r) <= 4096 and dns.message.from_wire(r).flags & dns.flags.TC
-    srv.clock.t += enginedns.VALIDATED_TTL + 1                # validation expires
-    r = srv.handle(query(big, use_edns=0, payload=4096)[1], "198.51.100.9")
-    assert len(r) <= 1232
+    srv.cookies.clock = lambda: time.time() + 3700              # the server cookie expires after an hour
+    assert len(srv.handle(ask_with, "198.51.100.9")) <= 1232
+    # a malformed cookie option: FORMERR (RFC 7873)
+    bad = srv.handle(query(big, use_edns=0, options=[dns.edns.GenericOption(10, b"short")])[1], "198.51.100.9")
+    assert dns.message.from_wire(bad).rcode() == dns.rcode.FORMERR
 
 
-def test_tcp_connection_validates_the_source(tmp_path):
+def test_cookie_over_sockets(tmp_path):
     srv = start_server(tmp_path, None)
     try:
-        assert not srv.validated("127.0.0.1")
         r = udp(srv, "many.default.svc.cluster.local", use_edns=0, payload=4096)
         assert r.flags & dns.flags.TC and len(r.to_wire()) <= 1232
-        tcp(srv, "web.default.svc.cluster.local")
-        assert srv.validated("127.0.0.1")
+        tcp(srv, "web.default.svc.cluster.local")              # TCP no longer proves anything for UDP
         r = udp(srv, "many.default.svc.cluster.local", use_edns=0, payload=4096)
+        assert r.flags & dns.flags.TC
+        r = udp_with_cookie(srv, "many.default.svc.cluster.local")
         assert not r.flags & dns.flags.TC and len(rdatas(r)) == 100
     finally:
         srv.close()
@@ -1124,9 +1157,22 @@ def test_any_outside_the_zone_is_synthesized_not_forwarded(tmp_path):
 
 
 def test_no_amplification(tmp_path):
-    """From an unvalidated source, no query gets more than 512 bytes back
-    (1232 with EDNS): the worst the server can be made to reflect."""
-    srv = hardened(tmp_path, rate_limit=0)
+    """From a source without a valid cookie, no UDP answer is larger than 3
+    times its query (TC=1 instead): the worst the server can be made to
+    reflect; with the bound off, still 512 bytes (1232 with EDNS)."""
+    srv = hardened(tmp_path, rate_limit=0, rrl_rate=0)
+    assert srv.amplification_limit == 3                        # the default
+    names = [("many.default.svc.cluster.local", "A"), ("many.default.svc.cluster.local", "ANY"),
+             ("_http._tcp.many.default.svc.cluster.local", "SRV"), ("cluster.local", "ANY"),
+             ("many.default.svc.cluster.local", "SRV"), ("example.com", "ANY"), ("example.com", "TXT"),
+             ("96.10.in-addr.arpa", "SOA"), ("x", "A")]
+    for name, t in names:
+        for kw in ({}, {"use_edns": 0, "payload": 65535},
+                   {"use_edns": 0, "options": [dns.edns.GenericOption(10, CLIENT_COOKIE)]}):
+            q, w = query(name, t, **kw)
+            out = srv.handle(w, "203.0.113.77")
+            assert out is not None and len(out) <= 3 * len(w), (name, t, kw, len(out), len(w))
+    srv = hardened(tmp_path, rate_limit=0, rrl_rate=0, amplification_limit=0)
     names = [("many.default.svc.cluster.local", "A"), ("many.default.svc.cluster.local", "ANY"),
              ("_http._tcp.many.default.svc.cluster.local", "SRV"), ("cluster.local", "ANY"),
              ("many.default.svc.cluster.local", "SRV"), ("example.com", "ANY"), ("example.com", "TXT")]
@@ -1135,3 +1181,129 @@ def test_no_amplification(tmp_path):
             q, w = query(name, t, **kw)
             out = srv.handle(w, "203.0.113.77")
             assert out is not None and len(out) <= cap, (name, t, kw, len(out))
+
+
+# -- floods: a global budget for new sources, RRL with slip, TCP caps and deadlines ----
+
+def test_new_source_gate_keeps_known_sources():
+    from engine.dnsguard import NewSourceGate
+    clock = Clock()
+    gate = NewSourceGate(50)
+    rl = RateLimiter(rate=100, burst=100, max_keys=1000, clock=clock, gate=gate)
+    assert rl.allow("192.168.50.2")                          # a known client, before the flood
+    admitted = sum(rl.allow(f"198.18.{i // 256}.{i % 256}") for i in range(20000))   # spoofed, one each
+    assert admitted == 49                                    # the budget (50), less the known one's token
+    assert len(rl) <= 50 and gate.turned_away == 20000 - 49
+    assert rl.allow("192.168.50.2")                          # the known client is not affected
+    for i in range(10):                                      # a second, and another 20,000
+        clock.t += 0.1
+        for j in range(2000):
+            rl.allow(f"198.19.{j // 256}.{(i * 2000 + j) % 256}")
+        assert rl.allow("192.168.50.2")
+    assert len(rl) <= 101                                    # the table grows at the budget's pace
+    assert not rl.allow("192.168.50.3")                      # a newcomer during the flood may wait...
+    assert rl.allow("192.168.50.3", verified=True)           # ...but TCP (a handshake) needs no budget
+    assert rl.allow("192.168.50.3")                          # and then it is known
+
+
+def test_rrl_per_network_and_answer_with_slip():
+    from engine.dnsguard import ResponseRateLimiter
+    clock = Clock()
+    rrl = ResponseRateLimiter(10, slip=2, clock=clock)
+    v = [rrl.check("198.51.100.7", ("web", 1, 0)) for _ in range(30)]
+    assert v[:10] == ["ok"] * 10 and v[10:].count("slip") == 10 and v[10:].count("drop") == 10
+    assert rrl.check("198.51.100.99", ("web", 1, 0)) == "slip" or True     # the same /24 shares the budget
+    assert rrl.check("198.51.100.200", ("other", 1, 0)) == "ok"            # another answer has its own
+    assert rrl.check("198.51.101.7", ("web", 1, 0)) == "ok"                # another /24 too
+    clock.t += 1
+    assert rrl.check("198.51.100.7", ("web", 1, 0)) == "ok"
+    assert ResponseRateLimiter(0).check("1.2.3.4", "x") == "ok"            # 0: off
+
+
+def test_rrl_in_the_server(tmp_path):
+    clock = Clock()
+    srv = hardened(tmp_path, rate_limit=0, rrl_rate=20, rrl_slip=2, clock=clock)
+    q, w = query("web.default.svc.cluster.local")
+    outs = [srv.handle(w, f"198.51.100.{i % 200 + 1}") for i in range(120)]     # one /24, one answer
+    full = [o for o in outs if o is not None and not dns.message.from_wire(o).flags & dns.flags.TC]
+    slipped = [o for o in outs if o is not None and dns.message.from_wire(o).flags & dns.flags.TC]
+    assert len(full) == 20 and len(slipped) == 50 and outs.count(None) == 50
+    assert all(len(o) <= len(w) for o in slipped) and not dns.message.from_wire(slipped[0]).answer
+    assert srv.stats["rrl_dropped"] == 50 and srv.stats["rrl_slipped"] == 50
+    # NXDOMAINs count per zone: random names do not get a budget each
+    nx = [srv.handle(query(f"r{i}.default.svc.cluster.local")[1], "198.51.100.1") for i in range(60)]
+    assert sum(o is not None and dns.message.from_wire(o).rcode() == dns.rcode.NXDOMAIN
+               and not dns.message.from_wire(o).flags & dns.flags.TC for o in nx) == 20
+    # TCP is never rate limited by RRL
+    assert all(dns.message.from_wire(srv.handle(w, "198.51.100.1", tcp=True)).answer for _ in range(50))
+
+
+def test_tcp_per_source_cap_and_total_deadline(tmp_path):
+    cfg = load(tmp_path, CLUSTER, name="t.yaml")
+    d = cfg.engine.dns
+    d.upstream, d.tcp_per_source, d.tcp_connection_deadline, d.tcp_query_deadline = [], 3, 2, 1
+    srv = DNSServer(d, "127.0.0.1", port=0)
+    srv.update(servicemap.build(cfg))
+    srv.start()
+    held = []
+    try:
+        for _ in range(5):                            # five from one source: three are kept
+            s = socket.create_connection(("127.0.0.1", srv.port))
+            held.append(s)
+        time.sleep(0.3)
+        closed = 0
+        for s in held:
+            s.settimeout(0.5)
+            try:
+                closed += s.recv(1) == b""
+            except socket.timeout:
+                pass
+            except OSError:
+                closed += 1
+        assert closed == 2 and srv.stats["tcp_refused"] == 2
+        # another source is still served (127.0.0.2 is loopback too)
+        r = dns.query.tcp(dns.message.make_query("web.default.svc.cluster.local", "A"), "127.0.0.1",
+                          port=srv.port, timeout=3, source="127.0.0.2")
+        assert rdatas(r) == ["10.96.100.100"]
+        # a trickle (one byte of a query every 0.3 s) does not keep a connection: the query deadline
+        s = held[0]
+        t0 = time.monotonic()
+        wire = struct.pack("!H", 40) + b"x" * 40
+        gone = None
+        for b in wire:
+            try:
+                s.send(bytes([b]))
+            except OSError:
+                gone = time.monotonic() - t0
+                break
+            time.sleep(0.3)
+            s.settimeout(0.01)
+            try:
+                if s.recv(1) == b"":
+                    gone = time.monotonic() - t0
+                    break
+            except socket.timeout:
+                pass
+        assert gone is not None and gone < 2.5, gone
+        # a busy connection, query after query, still ends at the connection deadline
+        s = socket.create_connection(("127.0.0.1", srv.port))
+        q = dns.message.make_query("web.default.svc.cluster.local", "A").to_wire()
+        t0 = time.monotonic()
+        answered = 0
+        try:
+            while time.monotonic() - t0 < 5:
+                s.sendall(struct.pack("!H", len(q)) + q)
+                s.settimeout(1)
+                if len(s.recv(2)) < 2:
+                    break
+                s.recv(65535)
+                answered += 1
+                time.sleep(0.05)
+        except OSError:
+            pass
+        assert answered > 5 and 1.8 < time.monotonic() - t0 < 3.0
+        assert srv.stats["tcp_deadline"] >= 2
+    finally:
+        for s in held:
+            s.close()
+        srv.close()
