@@ -1307,3 +1307,77 @@ def test_tcp_per_source_cap_and_total_deadline(tmp_path):
         for s in held:
             s.close()
         srv.close()
+
+
+# -- the answer table's parser, fuzzed -------------------------------------------------
+
+def test_answer_table_serves_what_the_zone_answered(tmp_path):
+    srv = hardened(tmp_path, rate_limit=0, rrl_rate=0)
+    q, w = query("WEB.default.svc.cluster.local")
+    assert srv.fast_answer(w, "10.0.0.1") is None             # not asked yet: the dnspython way...
+    slow = srv.handle(w, "10.0.0.1")
+    fast = srv.fast_answer(w, "10.0.0.1")                      # ...which filled the table
+    assert fast == slow and srv.stats["fast"] == 1
+    r = dns.message.from_wire(fast)
+    assert q.is_response(r) and r.question[0].name.to_text() == "WEB.default.svc.cluster.local."
+    # EDNS without options: our OPT comes back; another source gets no RA
+    q2, w2 = query("web.default.svc.cluster.local", use_edns=0, payload=1232)
+    r2 = dns.message.from_wire(srv.fast_answer(w2, "203.0.113.5"))
+    assert r2.edns == 0 and r2.payload == 1232 and rdatas(r2) == ["10.96.100.100"]
+    assert not r2.flags & dns.flags.RA and r2.flags & dns.flags.AA
+    # NODATA (the SOA) too, and TC/cookies/DO go the dnspython way
+    srv.handle(query("web.default.svc.cluster.local", "AAAA")[1], "10.0.0.1")
+    assert is_nodata(dns.message.from_wire(srv.fast_answer(query("web.default.svc.cluster.local", "AAAA")[1],
+                                                           "10.0.0.1")))
+    assert srv.fast_answer(query("web.default.svc.cluster.local", use_edns=0, want_dnssec=True)[1], "1.2.3.4") is None
+    # a new zone starts with an empty table
+    srv.update(servicemap.ServiceMap(services={}))
+    assert srv.fast_answer(w, "10.0.0.1") is None
+
+
+def test_fuzzed_queries_never_crash_or_exceed_the_limits(tmp_path):
+    """Random and mutated queries through the table parser and the full
+    handler: no exception, nothing larger than the limits (3x the query over
+    UDP without a cookie, never over 4096 on UDP)."""
+    import random
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    srv = hardened(tmp_path, rate_limit=0, rrl_rate=0)
+    seeds = [query(n, t, **kw)[1] for n, t, kw in (
+        ("web.default.svc.cluster.local", "A", {}), ("many.default.svc.cluster.local", "A", {"use_edns": 0}),
+        ("_http._tcp.many.default.svc.cluster.local", "SRV", {}), ("100.100.96.10.in-addr.arpa", "PTR", {}),
+        ("example.com", "ANY", {"use_edns": 0, "payload": 4096}))]
+    for w in seeds:                                            # fill the table
+        srv.handle(w, "10.0.0.1")
+
+    def check(w):
+        out = srv.fast_answer(w, "10.0.0.1")
+        if out:
+            assert len(out) <= 3 * len(w) and len(out) <= 1232
+        out = srv.handle(w, "10.0.0.1")
+        if out is not None:
+            assert len(out) <= max(3 * len(w), 12 + 11 + 28 + len(w)) and len(out) <= 4096
+        srv.handle(w, "10.0.0.1", tcp=True)
+
+    @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.binary(max_size=300))
+    def random_bytes(b):
+        check(b)
+
+    @settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(seeds), st.lists(st.tuples(st.integers(0, 299), st.integers(0, 255)), max_size=6),
+           st.integers(0, 40))
+    def mutated(w, flips, cut):
+        b = bytearray(w)
+        for i, v in flips:
+            if i < len(b):
+                b[i] = v
+        check(bytes(b[:len(b) - cut] if cut < len(b) else b))
+
+    random_bytes()
+    mutated()
+    rng = random.Random(5)
+    for _ in range(3000):                                      # and plain random mutations, quickly
+        b = bytearray(rng.choice(seeds))
+        for _ in range(rng.randrange(1, 4)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        check(bytes(b))
