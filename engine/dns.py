@@ -68,6 +68,7 @@ import dns.rdtypes.IN.A
 import dns.rdtypes.IN.AAAA
 import dns.rdtypes.IN.SRV
 
+from .dnscache import DNSCache
 from .dnsguard import (COOKIE_OPTION, RATE_BURST, RATE_LIMIT, ConnectionCounter, Cookies, NewSourceGate,
                        RateLimiter, ResponseRateLimiter)
 from .servicemap import DNS_SERVICE_KEY, ServiceMap, dns_service_info, usable as usable_endpoints
@@ -661,12 +662,19 @@ class DNSServer:
         self.udp_max_unvalidated = int(setting(udp_max_unvalidated, "udp_max_unvalidated", UDP_MAX_UNVALIDATED))
         self.clock = clock
         self.upstream = [tuple(u) for u in (cfg.upstream or [])]
+        # stub domains, longest zone first: (".zone.", [(ip, port)])
+        self.stubs = sorted(((("." + z.strip(".").lower() + "."), [tuple(u) for u in servers])
+                             for z, servers in (getattr(cfg, "stub_domains", None) or {}).items()),
+                            key=lambda t: -len(t[0]))
+        self.cache = DNSCache(*(getattr(cfg, a, d) for a, d in (
+            ("cache_max_entries", 9984), ("cache_max_ttl", 3600), ("cache_min_ttl", 5),
+            ("cache_negative_max_ttl", 1800), ("cache_prefetch", 10), ("cache_serve_stale", 300))), clock=clock)
         self.budget = FORWARD_BUDGET
         self.stats = dict.fromkeys(("queries", "udp", "tcp", "noerror", "nxdomain", "forwarded",
                                     "servfail", "refused", "formerr", "notimp", "truncated",
                                     "dropped", "upstream_errors", "other", "ratelimited",
                                     "any_minimal", "rrl_dropped", "rrl_slipped", "cookie_valid",
-                                    "tcp_refused", "tcp_deadline", "fast"), 0)
+                                    "tcp_refused", "tcp_deadline", "fast", "served_stale"), 0)
         self._allowed_memo = {}
         self._stats_lock = threading.Lock()
         self.zone = ClusterZone(ServiceMap(services={}), cfg, resolver=self._upstream_lookup)
@@ -918,6 +926,8 @@ class DNSServer:
                 opts.append(dns.edns.GenericOption(COOKIE_OPTION, client_cookie + self.cookies.server_cookie(
                     client_cookie, src_ip)))
             r.use_edns(0, r.ednsflags if r.edns >= 0 else 0, OUR_PAYLOAD, options=opts)
+        elif r.edns >= 0:                  # an answer kept for an EDNS client, to one without
+            r.use_edns(False)
         if tcp:
             return to_wire_limited(r, 65535)[0]
         if not verified and self.rrl.enabled:
@@ -962,10 +972,7 @@ class DNSServer:
             r.answer.append(dns.rrset.from_rdata(q.question[0].name, ANY_TTL, dns.rdtypes.ANY.HINFO.HINFO(
                 IN, HINFO, b"RFC8482", b"")))
             return r
-        if not self.upstream:
-            return _response(q, dns.rcode.SERVFAIL)
-        self._count("forwarded")
-        r = self.forward(q)
+        r = self.recurse(q)
         if r is None:
             return _response(q, dns.rcode.SERVFAIL)
         r.id = q.id
@@ -974,19 +981,72 @@ class DNSServer:
 
     # -- upstream -----------------------------------------------------------
 
-    def forward(self, query):
-        """Send query to the upstreams in turn within the time budget: UDP,
-        then TCP when truncated. The first useful answer wins; SERVFAIL and
-        REFUSED move on to the next upstream (and are returned when nothing
-        better comes). None when no upstream answers."""
-        if not self.upstream:
+    def servers_for(self, name):
+        """The servers that resolve name: its stub domain's (the longest
+        zone that holds it), else the upstream."""
+        if self.stubs:
+            text = name.to_text().lower() if not isinstance(name, str) else name.lower()
+            for suffix, servers in self.stubs:
+                if text == suffix[1:] or text.endswith(suffix):
+                    return servers
+        return self.upstream
+
+    def recurse(self, q):
+        """q's answer from the cache, else from its servers (and then kept);
+        a stale cached answer when those fail; None when nothing answers."""
+        cached, state = self.cache.get(q)
+        if state == "prefetch":
+            self._prefetch(q)
+        if state in ("fresh", "prefetch"):
+            return cached
+        servers = self.servers_for(q.question[0].name)
+        r = None
+        if servers:
+            self._count("forwarded")
+            r = self.forward(q, servers)
+        if r is not None and r.rcode() not in (dns.rcode.SERVFAIL, dns.rcode.REFUSED):
+            self.cache.put(q, r)
+            return r
+        if state == "stale":                  # RFC 8767: better an old answer than none
+            self.cache.served_stale()
+            self._count("served_stale")
+            return cached
+        return r
+
+    def _prefetch(self, q):
+        """Refresh a popular cached answer before it expires, off the query's path."""
+        fq = dns.message.from_wire(q.to_wire())
+
+        def refresh():
+            servers = self.servers_for(fq.question[0].name)
+            r = self.forward(fq, servers) if servers else None
+            if r is not None and r.rcode() not in (dns.rcode.SERVFAIL, dns.rcode.REFUSED):
+                self.cache.put(fq, r)
+            else:
+                self.cache.refresh_failed(fq)
+        self._count("forwarded")
+        if self._pool is None:
+            refresh()
+        else:
+            try:
+                self._pool.submit(refresh)
+            except RuntimeError:
+                self.cache.refresh_failed(fq)
+
+    def forward(self, query, servers=None):
+        """Send query to the servers (default: the upstream) in turn within
+        the time budget: UDP, then TCP when truncated. The first useful
+        answer wins; SERVFAIL and REFUSED move on to the next server (and are
+        returned when nothing better comes). None when no server answers."""
+        servers = self.upstream if servers is None else servers
+        if not servers:
             return None
         fq = dns.message.from_wire(query.to_wire())
         fq.id = dns.entropy.random_16()
         deadline = time.monotonic() + self.budget
         last = None
-        n = len(self.upstream)
-        for i, (host, port) in enumerate(self.upstream):
+        n = len(servers)
+        for i, (host, port) in enumerate(servers):
             remaining = deadline - time.monotonic()
             if remaining <= 0.01:
                 break
@@ -1018,12 +1078,10 @@ class DNSServer:
             s.close()
 
     def _upstream_lookup(self, name, rdtype):
-        """ClusterZone's resolver: name's answer records from the upstream."""
-        if not self.upstream:
-            return None
-        self._count("forwarded")
+        """ClusterZone's resolver: name's answer records from the upstream
+        (through the cache)."""
         q = dns.message.make_query(name, rdtype, use_edns=0, payload=OUR_PAYLOAD)
-        r = self.forward(q)
+        r = self.recurse(q)
         if r is None or r.rcode() not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
             return None
         return list(r.answer)

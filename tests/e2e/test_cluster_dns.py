@@ -7,9 +7,10 @@ import pytest
 
 from test_clusterip import ENGINE, seed
 
-UPSTREAM, WEB = "192.168.50.53", "192.168.50.80"
+UPSTREAM, WEB, STUB = "192.168.50.53", "192.168.50.80", "192.168.50.54"
 
-DNS_ENGINE = ENGINE + f"dns: {{clusterIP: 10.96.0.10, upstream: [{UPSTREAM}], ttl: 7}}\n"
+DNS_ENGINE = ENGINE + (f"dns: {{clusterIP: 10.96.0.10, upstream: [{UPSTREAM}], ttl: 7, "
+                       f"stubDomains: {{corp.example: ['{STUB}:5353']}}}}\n")
 
 EXTRA = """---
 apiVersion: v1
@@ -44,6 +45,10 @@ def world(lab):
                           "--record", f"google.com=A:{WEB}", "--record", "www.example.org=A:192.168.50.81"],
                   stdout=__import__("subprocess").PIPE)
     assert p.stdout.readline().startswith(b"ready")
+    stub = lab.add_host("stubdns", STUB)
+    p = lab.popen(stub.ns, [sys.executable, "-m", "engine.lab.dns", "--bind", "0.0.0.0", "--port", "5353",
+                            "--record", "db.corp.example=A:10.0.0.9"], stdout=__import__("subprocess").PIPE)
+    assert p.stdout.readline().startswith(b"ready")
     lab.set_resolv_conf(lab.client_ns, "search default.svc.cluster.local svc.cluster.local cluster.local\n"
                                        "nameserver 10.96.0.10\noptions ndots:5\n")
     text = "---\n".join([DNS_ENGINE, seed("service-exam.yaml"), seed("externalname-exam.yaml"), EXTRA]) \
@@ -51,6 +56,7 @@ def world(lab):
     with lab.start_engine(text) as eng:
         yield eng
     lab.remove_host("updns")
+    lab.remove_host("stubdns")
     lab.remove_host("google")
 
 
@@ -117,11 +123,19 @@ def test_other_names_forwarded_upstream(lab, world):
     assert "status: NXDOMAIN" in dig(lab, "unknown.example.org")
 
 
+def test_stub_domain_goes_to_its_own_servers(lab, world):
+    assert short(lab, "db.corp.example") == ["10.0.0.9"]              # only the stub server knows it
+    assert "status: NXDOMAIN" in dig(lab, "www.corp.example")          # (and the stub server says so)
+    assert short(lab, "www.example.org") == ["192.168.50.81"]          # the rest: the upstream
+
+
 def test_servfail_when_upstream_is_gone(lab, world):
     host = lab.hosts["updns"]
+    assert short(lab, "google.com") == [WEB]
     lab.run(host.ns, ["ip", "link", "set", "eth0", "down"])
     try:
-        assert "status: SERVFAIL" in dig(lab, "+time=5", "www.example.org")
+        assert "status: SERVFAIL" in dig(lab, "+time=5", "never-asked.example.org")
+        assert short(lab, "google.com") == [WEB]            # answered before: from the cache
         # cluster names still answer
         assert short(lab, "deploy-svc.default.svc.cluster.local") == ["10.96.100.100"]
     finally:

@@ -795,7 +795,8 @@ def test_server_forwards_to_upstream(tmp_path, upstream):
         assert r.flags & dns.flags.TC            # no cookie: 3x the query at most
         r = udp_with_cookie(srv, "big.example", "TXT")
         assert not r.flags & dns.flags.TC and len(r.answer[0]) == 3
-        assert srv.stats["forwarded"] >= 9
+        # the second transport's questions came from the cache
+        assert srv.stats["forwarded"] >= 4 and srv.cache.stats["hits_success"] >= 3
     finally:
         srv.close()
 
@@ -965,7 +966,7 @@ def hardened(tmp_path, **kw):
     srv.update(servicemap.build(cfg))
     srv.forwarded_to = []
 
-    def forward(q):
+    def forward(q, servers=None):
         srv.forwarded_to.append(q.question[0].name.to_text())
         r = dns.message.make_response(q)
         r.answer.append(dns.rrset.from_text(q.question[0].name, 60, "IN", "A", "192.0.2.80"))
@@ -1381,3 +1382,160 @@ def test_fuzzed_queries_never_crash_or_exceed_the_limits(tmp_path):
         for _ in range(rng.randrange(1, 4)):
             b[rng.randrange(len(b))] = rng.randrange(256)
         check(bytes(b))
+
+
+# -- the cache of upstream answers, stub domains ------------------------------------
+
+class Upstream:
+    """A programmable forward(): answers from `table` {name: (rdtype text, [rdata], ttl)}, NXDOMAIN
+    with an SOA for the rest; `down` makes it fail; records every question with the servers asked."""
+
+    def __init__(self, table=None, soa_ttl=300, soa_min=60):
+        self.table = table or {}
+        self.down = False
+        self.calls = []
+        self.soa = (soa_ttl, soa_min)
+
+    def __call__(self, q, servers=None):
+        name = q.question[0].name.to_text().lower()
+        self.calls.append((name, tuple(servers or ())))
+        if self.down:
+            return None
+        r = dns.message.make_response(q)
+        if name in self.table:
+            t, rds, ttl = self.table[name]
+            r.answer.append(dns.rrset.from_text_list(q.question[0].name, ttl, "IN", t, rds))
+        else:
+            r.set_rcode(dns.rcode.NXDOMAIN)
+            r.authority.append(dns.rrset.from_text("example.", self.soa[0], "IN", "SOA",
+                                                   f"ns.example. h.example. 1 2 3 4 {self.soa[1]}"))
+        return r
+
+
+def cached_server(tmp_path, table, extra="", **kw):
+    clock = Clock()
+    cfg = load(tmp_path, CLUSTER.replace("upstream: [192.0.2.53]", "upstream: [192.0.2.53]" + extra), name="c2.yaml")
+    srv = DNSServer(cfg.engine.dns, "127.0.0.1", port=0, rate_limit=0, rrl_rate=0, clock=clock, **kw)
+    srv.update(servicemap.build(cfg))
+    srv.forward = Upstream(table)
+    return srv, clock
+
+
+def ask_srv(srv, name, rdtype="A", src="10.0.0.1"):
+    return dns.message.from_wire(srv.handle(query(name, rdtype)[1], src))
+
+
+def test_cache_positive_hit_counts_ttl_down(tmp_path):
+    srv, clock = cached_server(tmp_path, {"www.example.com.": ("A", ["192.0.2.80"], 120)})
+    r = ask_srv(srv, "www.example.com")
+    assert rdatas(r) == ["192.0.2.80"] and r.answer[0].ttl == 120
+    clock.t += 50
+    r = ask_srv(srv, "WWW.example.com")                          # case does not matter
+    assert rdatas(r) == ["192.0.2.80"] and r.answer[0].ttl == 70
+    assert r.question[0].name.to_text() == "WWW.example.com."    # the client's spelling
+    assert len(srv.forward.calls) == 1 and srv.cache.stats["hits_success"] == 1
+    clock.t += 71                                                # expired: asked again
+    assert rdatas(ask_srv(srv, "www.example.com")) == ["192.0.2.80"] and len(srv.forward.calls) == 2
+
+
+def test_cache_negative_per_rfc2308(tmp_path):
+    srv, clock = cached_server(tmp_path, {})
+    r = ask_srv(srv, "nothere.example.com")
+    assert r.rcode() == dns.rcode.NXDOMAIN
+    clock.t += 59                                               # min(SOA TTL 300, minimum 60)
+    r = ask_srv(srv, "nothere.example.com")
+    assert r.rcode() == dns.rcode.NXDOMAIN and r.authority[0].ttl == 300 - 59
+    assert len(srv.forward.calls) == 1 and srv.cache.stats["hits_denial"] == 1
+    clock.t += 2
+    ask_srv(srv, "nothere.example.com")
+    assert len(srv.forward.calls) == 2
+    # NODATA (NOERROR, no answer, SOA) is negative too; no SOA: not kept
+    assert srv.cache.ttl_of(dns.message.make_response(query("x.example")[0])) is None
+
+
+def test_cache_ttl_caps(tmp_path):
+    srv, clock = cached_server(tmp_path, {"long.example.": ("A", ["192.0.2.1"], 86400),
+                                          "short.example.": ("A", ["192.0.2.2"], 1)},
+                               extra=", cache: {maxTTL: 600, minTTL: 10, negativeMaxTTL: 30}")
+    ask_srv(srv, "long.example")
+    clock.t += 599
+    ask_srv(srv, "long.example")
+    assert len(srv.forward.calls) == 1
+    clock.t += 2
+    ask_srv(srv, "long.example")
+    assert len(srv.forward.calls) == 2                          # 600 s at most
+    ask_srv(srv, "short.example")
+    clock.t += 9
+    ask_srv(srv, "short.example")
+    assert len(srv.forward.calls) == 3                          # 10 s at least
+    srv.forward.soa = (3600, 3600)
+    ask_srv(srv, "nx.example")
+    clock.t += 31
+    ask_srv(srv, "nx.example")
+    assert len(srv.forward.calls) == 5                          # negative: 30 s at most
+
+
+def test_cache_serve_stale_while_upstream_is_down(tmp_path):
+    srv, clock = cached_server(tmp_path, {"www.example.com.": ("A", ["192.0.2.80"], 60)},
+                               extra=", cache: {serveStale: 120s}")
+    ask_srv(srv, "www.example.com")
+    srv.forward.down = True
+    clock.t += 100                                              # expired 40 s ago, upstream down
+    r = ask_srv(srv, "www.example.com")
+    assert rdatas(r) == ["192.0.2.80"] and r.answer[0].ttl == 30   # RFC 8767's stale TTL
+    assert srv.stats["served_stale"] == 1 and len(srv.forward.calls) == 2   # the upstream was tried first
+    assert ask_srv(srv, "other.example.com").rcode() == dns.rcode.SERVFAIL  # never cached: nothing to serve
+    clock.t += 81                                               # past the bound (60 + 120 s)
+    assert ask_srv(srv, "www.example.com").rcode() == dns.rcode.SERVFAIL
+    srv.forward.down = False                                    # back: a fresh answer again
+    assert ask_srv(srv, "www.example.com").answer[0].ttl == 60
+
+
+def test_cache_prefetch_of_popular_names(tmp_path):
+    srv, clock = cached_server(tmp_path, {"hot.example.": ("A", ["192.0.2.7"], 100),
+                                          "cold.example.": ("A", ["192.0.2.8"], 100)},
+                               extra=", cache: {prefetch: 3}")
+    ask_srv(srv, "hot.example")
+    ask_srv(srv, "cold.example")
+    for _ in range(3):                                          # popular: 3 hits without a minute's gap
+        clock.t += 20
+        ask_srv(srv, "hot.example")
+    clock.t += 31                                               # 91 s of 100: under 10% left
+    ask_srv(srv, "hot.example")
+    ask_srv(srv, "cold.example")                                # asked once: not popular, no prefetch
+    assert [c[0] for c in srv.forward.calls] == ["hot.example.", "cold.example.", "hot.example."]
+    assert srv.cache.stats["prefetch"] == 1
+    clock.t += 50                                               # past the old expiry: still cached
+    r = ask_srv(srv, "hot.example")
+    assert r.answer[0].ttl == 50 and len(srv.forward.calls) == 3
+
+
+def test_cache_bounded_and_off(tmp_path):
+    table = {f"n{i}.example.": ("A", ["192.0.2.1"], 300) for i in range(50)}
+    srv, _ = cached_server(tmp_path, table, extra=", cache: {maxEntries: 10}")
+    for i in range(50):
+        ask_srv(srv, f"n{i}.example")
+    assert len(srv.cache) == 10 and srv.cache.stats["evictions"] == 40
+    srv, _ = cached_server(tmp_path, table, extra=", cache: {maxEntries: 0}")
+    ask_srv(srv, "n1.example")
+    ask_srv(srv, "n1.example")
+    assert len(srv.forward.calls) == 2 and len(srv.cache) == 0
+
+
+def test_stub_domains(tmp_path):
+    table = {"db.corp.example.": ("A", ["10.0.0.9"], 60), "x.lab.corp.example.": ("A", ["10.0.0.10"], 60),
+             "www.example.com.": ("A", ["192.0.2.80"], 60)}
+    srv, _ = cached_server(tmp_path, table, extra=", stubDomains: {corp.example: [10.0.0.53, '10.0.0.54:5353'], "
+                                                   "lab.corp.example: [10.0.1.53]}")
+    assert srv.cfg.stub_domains["corp.example"] == [("10.0.0.53", 53), ("10.0.0.54", 5353)]
+    assert rdatas(ask_srv(srv, "db.corp.example")) == ["10.0.0.9"]
+    assert rdatas(ask_srv(srv, "X.Lab.corp.example")) == ["10.0.0.10"]
+    assert rdatas(ask_srv(srv, "www.example.com")) == ["192.0.2.80"]
+    ask_srv(srv, "notcorp.example")
+    assert [c[1] for c in srv.forward.calls] == [(("10.0.0.53", 53), ("10.0.0.54", 5353)), (("10.0.1.53", 53),),
+                                                 (("192.0.2.53", 53),), (("192.0.2.53", 53),)]
+    # a stub domain is recursion too: not for sources outside allowedSources
+    assert ask_srv(srv, "db.corp.example", src="203.0.113.9").rcode() == dns.rcode.REFUSED
+    for bad in ("{corp.example: []}", "{'bad domain!': [10.0.0.1]}", "{corp.example: [nope]}"):
+        with pytest.raises(config.ConfigError, match="dns.stubDomains"):
+            cached_server(tmp_path, table, extra=f", stubDomains: {bad}")
