@@ -440,6 +440,8 @@ class Engine:
             lines += ["# HELP engine_dns_requests_total Cluster DNS requests, by outcome.",
                       "# TYPE engine_dns_requests_total counter"]
             lines += [f'engine_dns_requests_total{{outcome="{k}"}} {v}' for k, v in sorted(self.dns.stats.items())]
+            from .dnsmetrics import metrics_text      # CoreDNS's names: coredns_dns_*, coredns_cache_*
+            lines += metrics_text(self.dns).rstrip("\n").split("\n")
         lines += [
             "# HELP kubeproxy_sync_proxy_rules_duration_seconds Last sync duration.",
             "# TYPE kubeproxy_sync_proxy_rules_duration_seconds gauge",

@@ -69,6 +69,7 @@ import dns.rdtypes.IN.AAAA
 import dns.rdtypes.IN.SRV
 
 from .dnscache import DNSCache
+from .dnsmetrics import DNSCollector, DNSMetrics, qtype_of
 from .dnsguard import (COOKIE_OPTION, RATE_BURST, RATE_LIMIT, ConnectionCounter, Cookies, NewSourceGate,
                        RateLimiter, ResponseRateLimiter)
 from .servicemap import DNS_SERVICE_KEY, ServiceMap, dns_service_info, usable as usable_endpoints
@@ -676,6 +677,8 @@ class DNSServer:
                                     "any_minimal", "rrl_dropped", "rrl_slipped", "cookie_valid",
                                     "tcp_refused", "tcp_deadline", "fast", "served_stale"), 0)
         self._allowed_memo = {}
+        self.metrics = DNSMetrics()
+        self.collector = DNSCollector(self)     # for the engine's /metrics (prometheus-client)
         self._stats_lock = threading.Lock()
         self.zone = ClusterZone(ServiceMap(services={}), cfg, resolver=self._upstream_lookup)
         self._udp = self._tcp = None
@@ -782,6 +785,7 @@ class DNSServer:
         bytes, b"" for "send nothing" (RRL), or None when the table does not
         have it (the caller takes the dnspython way). The source's rate
         budget was already charged."""
+        t0 = time.perf_counter()
         pq = plain_query(wire)
         if pq is None:
             return None
@@ -805,10 +809,13 @@ class DNSServer:
             if verdict != "ok":
                 self._count_all(("queries", "udp", "rrl_slipped" if verdict == "slip" else "rrl_dropped"))
                 if verdict == "drop":
+                    self.metrics.request("udp", qtype)
                     return b""
+                self.metrics.observe("udp", qtype, flags & 0xF, time.perf_counter() - t0)
                 return wire[:2] + struct.pack("!HHHHH", flags | 0x0200, 1, 0, 0, 1 if edns else 0) \
                     + qname + wire[qend - 4:qend] + (OPT_OURS if edns else b"")
         self._count_all(("queries", "udp", "noerror", "fast"))
+        self.metrics.observe("udp", qtype, flags & 0xF, time.perf_counter() - t0)
         return wire[:2] + struct.pack("!HHHHH", flags, 1, an, ns, ar + edns) + qname + wire[qend - 4:qend] \
             + tail + (OPT_OURS if edns else b"")
 
@@ -849,16 +856,20 @@ class DNSServer:
         """Query bytes -> response bytes, or None (drop). Never raises.
         query: wire already parsed (by the UDP loop); admitted: the rate
         limit was already applied to this query (by the UDP loop)."""
-        self._count("queries")
-        self._count("tcp" if tcp else "udp")
+        t0 = time.perf_counter()
+        self._count_all(("queries", "tcp" if tcp else "udp"))
         try:
             if not admitted and not self.admit(src_ip, verified=tcp):
-                return self._ratelimited(wire, tcp)
-            return self._handle(wire, src_ip, tcp, query)
+                out = self._ratelimited(wire, tcp)
+            else:
+                out = self._handle(wire, src_ip, tcp, query)
         except Exception:
             log.exception("answering a query from %s failed", src_ip)
             self._count("servfail")
-            return error_from_header(wire, dns.rcode.SERVFAIL)
+            out = error_from_header(wire, dns.rcode.SERVFAIL)
+        self.metrics.observe("tcp" if tcp else "udp", qtype_of(wire),
+                             out[3] & 0xF if out is not None and len(out) >= 4 else None, time.perf_counter() - t0)
+        return out
 
     def _ratelimited(self, wire, tcp):
         """Over the source's rate: UDP gets nothing (no reflection), TCP (a
@@ -1103,6 +1114,7 @@ class DNSServer:
             # the rate limit first: a flood costs one dict lookup per packet
             if not self.admit(addr[0]):
                 self._count_all(("queries", "udp", "ratelimited"))
+                self.metrics.request("udp", qtype_of(wire))
                 continue
             try:
                 out = self.fast_answer(wire, addr[0])

@@ -154,3 +154,14 @@ def test_endpoint_names_and_ptrs(lab, world):
     assert "status: NXDOMAIN" in out and "96.10.in-addr.arpa. 7 IN SOA ns.dns.96.10.in-addr.arpa." in out
     out = dig(lab, "other.svc.cluster.local")          # a namespace with objects: NODATA
     assert "status: NOERROR" in out and "ANSWER: 0" in out and "IN SOA" in out
+
+
+def test_coredns_metrics_on_the_engine_metrics_endpoint(lab, world):
+    short(lab, "deploy-svc.default.svc.cluster.local")
+    m = lab.run(lab.node_ns, ["curl", "-s", "http://127.0.0.1:10249/metrics"]).stdout
+    lines = [ln for ln in m.splitlines() if ln.startswith("coredns_dns_requests_total{") and 'type="A"' in ln
+             and 'proto="udp"' in ln]
+    assert lines and float(lines[0].split()[-1]) >= 1
+    for name in ("coredns_dns_responses_total{", "coredns_dns_request_duration_seconds_bucket{",
+                 "coredns_cache_hits_total{", "coredns_cache_misses_total{", "engine_dns_requests_total{"):
+        assert name in m, name

@@ -1539,3 +1539,37 @@ def test_stub_domains(tmp_path):
     for bad in ("{corp.example: []}", "{'bad domain!': [10.0.0.1]}", "{corp.example: [nope]}"):
         with pytest.raises(config.ConfigError, match="dns.stubDomains"):
             cached_server(tmp_path, table, extra=f", stubDomains: {bad}")
+
+
+# -- metrics under CoreDNS's names ---------------------------------------------------
+
+def test_coredns_metrics(tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+    from engine.dnsmetrics import metrics_text
+    srv, clock = cached_server(tmp_path, {"www.example.com.": ("A", ["192.0.2.80"], 120)})
+    for _ in range(3):
+        srv.handle(query("web.default.svc.cluster.local")[1], "10.0.0.1")     # 1 the dnspython way...
+    srv.fast_answer(query("web.default.svc.cluster.local")[1], "10.0.0.1")   # ...then the table
+    srv.handle(query("nope.default.svc.cluster.local", "AAAA")[1], "10.0.0.1", tcp=True)
+    srv.handle(query("www.example.com")[1], "10.0.0.1")                       # a cache miss
+    srv.handle(query("www.example.com")[1], "10.0.0.1")                       # a hit
+    srv.handle(query("nx.example.com")[1], "10.0.0.1")                        # a miss, then kept negative
+    srv.handle(query("nx.example.com")[1], "10.0.0.1")                        # a denial hit
+    fams = {f.name: f for f in text_string_to_metric_families(metrics_text(srv))}
+
+    def value(fam, sample_name, **labels):
+        return sum(s.value for s in fams[fam].samples if s.name == sample_name
+                   and all(s.labels.get(k) == v for k, v in labels.items()))
+    assert value("coredns_dns_requests", "coredns_dns_requests_total", proto="udp", type="A") == 8
+    assert value("coredns_dns_requests", "coredns_dns_requests_total", proto="tcp", type="AAAA") == 1
+    assert value("coredns_dns_responses", "coredns_dns_responses_total", rcode="NOERROR") == 6
+    assert value("coredns_dns_responses", "coredns_dns_responses_total", rcode="NXDOMAIN") == 3
+    assert value("coredns_dns_request_duration_seconds", "coredns_dns_request_duration_seconds_count", type="A") == 8
+    assert value("coredns_dns_request_duration_seconds", "coredns_dns_request_duration_seconds_bucket",
+                 type="A", le="+Inf") == 8
+    assert value("coredns_cache_hits", "coredns_cache_hits_total", type="success") == 1
+    assert value("coredns_cache_hits", "coredns_cache_hits_total", type="denial") == 1
+    assert value("coredns_cache_misses", "coredns_cache_misses_total") == 2
+    assert value("coredns_cache_entries", "coredns_cache_entries", type="success") == 1
+    assert value("coredns_cache_entries", "coredns_cache_entries", type="denial") == 1
+    assert all(s.labels["server"] == "dns://:53" for s in fams["coredns_dns_requests"].samples)
