@@ -10,13 +10,17 @@ Thread-safe; the clock is injectable."""
 from __future__ import annotations
 
 import collections
+import struct
 import threading
 import time
 
 import dns.flags
 import dns.message
+import dns.name
 import dns.rcode
+import dns.rdataclass
 import dns.rdatatype
+import dns.rrset
 
 STALE_TTL = 30            # TTL of a stale answer (RFC 8767 section 4)
 PREFETCH_GAP = 60.0       # a name stays popular while asked at least this often (CoreDNS: 1m)
@@ -24,7 +28,7 @@ PREFETCH_PERCENT = 10     # prefetch once less than this share of the TTL is lef
 
 
 class Entry:
-    __slots__ = ("wire", "stored", "ttl", "negative", "hits", "last_hit", "refreshing")
+    __slots__ = ("wire", "stored", "ttl", "negative", "hits", "last_hit", "refreshing", "fast")
 
     def __init__(self, wire, stored, ttl, negative):
         self.wire = wire              # the upstream answer, id 0
@@ -34,6 +38,9 @@ class Entry:
         self.hits = 0
         self.last_hit = stored
         self.refreshing = False
+        # for the server's answer table: (flags, ancount, nscount, arcount, sections after the
+        # question with a lowercased question, [(offset of a TTL in them, its value)])
+        self.fast = None
 
 
 class DNSCache:
@@ -49,6 +56,9 @@ class DNSCache:
         self.serve_stale = int(serve_stale)
         self.clock = clock
         self._entries = collections.OrderedDict()      # key -> Entry, least recently used first
+        # (lowercased qname wire, qtype) -> Entry with .fast: what the server may answer from
+        # bytes (class IN, no DO); emptied when the cluster zone changes (see promote)
+        self.fast = {}
         self._lock = threading.Lock()
         self.stats = dict.fromkeys(("hits_success", "hits_denial", "misses", "prefetch", "served_stale",
                                     "evictions", "inserts"), 0)
@@ -96,13 +106,17 @@ class DNSCache:
         now = self.clock()
         with self._lock:
             old = self._entries.pop(k, None)
+            if old is not None and old.fast is not None:
+                self._unfast(k)
             e = Entry(wire, now, t[0], t[1])
             if old is not None:               # a refresh keeps the name's popularity
                 e.hits, e.last_hit = old.hits, old.last_hit
             self._entries[k] = e
             self.stats["inserts"] += 1
             while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+                ok, oe = self._entries.popitem(last=False)
+                if oe.fast is not None:
+                    self._unfast(ok)
                 self.stats["evictions"] += 1
 
     def get(self, q):
@@ -124,6 +138,8 @@ class DNSCache:
                 return None, "miss"
             age = now - e.stored
             if age >= e.ttl:
+                if e.fast is not None:
+                    self._unfast(k)
                 if age - e.ttl > self.serve_stale:
                     del self._entries[k]
                     self.stats["misses"] += 1
@@ -150,6 +166,34 @@ class DNSCache:
                 rr.ttl = STALE_TTL if state == "stale" else max(0, rr.ttl - elapsed)
         return r, state
 
+    @staticmethod
+    def _fast_key(k):
+        return (dns.name.from_text(k[0]).to_wire().lower(), k[1])
+
+    def _unfast(self, k):
+        self.fast.pop(self._fast_key(k), None)
+
+    def promote(self, q):
+        """Let the server answer q from bytes while its entry is fresh: call
+        only for a name the cluster zone does not answer (the server does,
+        after the zone said no)."""
+        k = self.key(q)
+        if k is None or k[2] != dns.rdataclass.IN or k[3]:
+            return
+        with self._lock:
+            e = self._entries.get(k)
+            if e is None or self.clock() - e.stored >= e.ttl:
+                return
+            if e.fast is None:
+                e.fast = _fast_form(e.wire, q.question[0].name.to_wire().lower(), k[1])
+            if e.fast is not None:
+                self.fast[self._fast_key(k)] = e
+
+    def clear_fast(self):
+        """The cluster zone changed: a name it now answers must not come from here."""
+        with self._lock:
+            self.fast = {}
+
     def served_stale(self):
         with self._lock:
             self.stats["served_stale"] += 1
@@ -170,3 +214,48 @@ class DNSCache:
 
     def __len__(self):
         return len(self._entries)
+
+
+def _fast_form(wire, lname, qtype):
+    """An upstream answer as the server's answer table keeps it, or None."""
+    try:
+        c = dns.message.from_wire(wire)
+        c.use_edns(False)
+        c.id = 0
+        c.question = [dns.rrset.RRset(dns.name.from_wire(lname, 0)[0], dns.rdataclass.IN, qtype)]
+        w = c.to_wire()
+    except Exception:
+        return None
+    an, ns, ar = struct.unpack("!HHH", w[6:12])
+    start = 12 + len(lname) + 4
+    ttls = _ttl_offsets(w, start, an + ns + ar)
+    if ttls is None:
+        return None
+    flags = 0x8000 | (w[3] & 0x0F)                   # QR and the rcode; RD, RA per query; never AA
+    return flags, an, ns, ar, w[start:], [(off - start, ttl) for off, ttl in ttls]
+
+
+def _ttl_offsets(w, i, count):
+    """[(offset, value)] of the TTL of each of `count` records from offset i
+    of message w, or None if they do not parse (bounds-checked)."""
+    out, n = [], len(w)
+    for _ in range(count):
+        while True:                                  # the owner name: labels, or a pointer
+            if i >= n:
+                return None
+            ln = w[i]
+            if ln & 0xC0 == 0xC0:
+                i += 2
+                break
+            if ln > 63:
+                return None
+            i += ln + 1
+            if ln == 0:
+                break
+        if i + 10 > n:
+            return None
+        out.append((i + 4, struct.unpack_from("!I", w, i + 4)[0]))
+        i += 10 + struct.unpack_from("!H", w, i + 8)[0]
+        if i > n:
+            return None
+    return out

@@ -1573,3 +1573,32 @@ def test_coredns_metrics(tmp_path):
     assert value("coredns_cache_entries", "coredns_cache_entries", type="success") == 1
     assert value("coredns_cache_entries", "coredns_cache_entries", type="denial") == 1
     assert all(s.labels["server"] == "dns://:53" for s in fams["coredns_dns_requests"].samples)
+
+
+def test_cached_upstream_answers_from_the_answer_table(tmp_path):
+    srv, clock = cached_server(tmp_path, {"www.example.com.": ("A", ["192.0.2.80", "192.0.2.81"], 100)},
+                               extra=", cache: {prefetch: 2}")
+    q, w = query("WWW.Example.com")
+    assert srv.fast_answer(w, "10.0.0.1") is None                 # not cached yet
+    srv.handle(w, "10.0.0.1")
+    clock.t += 30
+    r = dns.message.from_wire(srv.fast_answer(w, "10.0.0.1"))
+    assert q.is_response(r) and rdatas(r) == ["192.0.2.80", "192.0.2.81"] and r.answer[0].ttl == 70
+    assert r.question[0].name.to_text() == "WWW.Example.com." and not r.flags & dns.flags.AA
+    assert r.flags & dns.flags.RA and srv.cache.stats["hits_success"] == 1
+    assert srv.fast_answer(w, "203.0.113.9") is None              # may not recurse: REFUSED the slow way
+    nx = query("nothere.example.com")[1]                          # negative answers too
+    srv.handle(nx, "10.0.0.1")
+    assert dns.message.from_wire(srv.fast_answer(nx, "10.0.0.1")).rcode() == dns.rcode.NXDOMAIN
+    clock.t += 31
+    assert srv.fast_answer(w, "10.0.0.1") is not None             # hit 2: popular now
+    clock.t += 31                                                 # 92 of 100 s: the last 10% go the slow way...
+    assert srv.fast_answer(w, "10.0.0.1") is None
+    srv.handle(w, "10.0.0.1")                                     # ...where the popular name is prefetched
+    assert srv.cache.stats["prefetch"] == 1 and len(srv.forward.calls) == 3
+    assert dns.message.from_wire(srv.fast_answer(w, "10.0.0.1")).answer[0].ttl == 100
+    # a new zone (it might answer the name now) empties the table; the slow way fills it again
+    srv.update(servicemap.ServiceMap(services={}))
+    assert srv.fast_answer(w, "10.0.0.1") is None
+    srv.handle(w, "10.0.0.1")
+    assert srv.fast_answer(w, "10.0.0.1") is not None
