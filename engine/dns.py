@@ -35,6 +35,7 @@ Hardening (the server binds a node address and sees clients' real sources):
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import errno
 import ipaddress
@@ -95,6 +96,7 @@ ANY_TTL = 3600                # TTL of the synthesized RFC 8482 HINFO
 ANY_PREFERENCE = (A, AAAA, CNAME, PTR, SRV, TXT, SOA, NS)
 FORWARD_BUDGET = 2.0          # seconds for all upstream attempts of one query
 TCP_IDLE = 10.0               # seconds a TCP client may stay silent between queries
+UDP_RECV = 4096               # the largest query read over UDP (a longer one is cut: FORMERR)
 UDP_RCVBUF = 4 << 20          # receive buffer: a burst waits in the kernel, not dropped there
 UDP_WORKERS = 32              # threads answering UDP queries
 UDP_MAX_PENDING = 2048        # queued UDP queries beyond this are dropped
@@ -671,12 +673,13 @@ class DNSServer:
             ("cache_max_entries", 9984), ("cache_max_ttl", 3600), ("cache_min_ttl", 5),
             ("cache_negative_max_ttl", 1800), ("cache_prefetch", 10), ("cache_serve_stale", 300))), clock=clock)
         self.budget = FORWARD_BUDGET
-        self.stats = dict.fromkeys(("queries", "udp", "tcp", "noerror", "nxdomain", "forwarded",
+        self._stats = dict.fromkeys(("queries", "udp", "tcp", "noerror", "nxdomain", "forwarded",
                                     "servfail", "refused", "formerr", "notimp", "truncated",
                                     "dropped", "upstream_errors", "other", "ratelimited",
                                     "any_minimal", "rrl_dropped", "rrl_slipped", "cookie_valid",
                                     "tcp_refused", "tcp_deadline", "fast", "served_stale"), 0)
         self._allowed_memo = {}
+        self._loop_counts = collections.Counter()
         self.metrics = DNSMetrics()
         self.collector = DNSCollector(self)     # for the engine's /metrics (prometheus-client)
         self._stats_lock = threading.Lock()
@@ -722,8 +725,7 @@ class DNSServer:
                     break
             except OSError:
                 continue
-        udp.settimeout(0.5)
-        tcp.settimeout(0.5)
+        tcp.settimeout(0.5)             # (UDP blocks: no poll() per packet; close() wakes it)
         self._udp, self._tcp = udp, tcp
         self._pool = concurrent.futures.ThreadPoolExecutor(UDP_WORKERS, thread_name_prefix="dns-udp")
         for target, name in ((self._udp_loop, "dns-udp-recv"), (self._tcp_loop, "dns-tcp-accept")):
@@ -736,6 +738,11 @@ class DNSServer:
 
     def close(self):
         self._closing.set()
+        if self._udp is not None:
+            try:                            # wakes a recvfrom blocked on it (Linux, even unconnected)
+                self._udp.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         for s in (self._udp, self._tcp):
             if s is not None:
                 try:
@@ -762,15 +769,31 @@ class DNSServer:
 
     # -- one query ---------------------------------------------------------
 
+    @property
+    def stats(self):
+        """Every counter: the locked ones and the receive loop's own."""
+        with self._stats_lock:
+            out = dict(self._stats)
+        for k, v in dict(self._loop_counts).items():
+            out[k] = out.get(k, 0) + v
+        return out
+
     def _count(self, key, n=1):
         with self._stats_lock:
-            self.stats[key] = self.stats.get(key, 0) + n
+            self._stats[key] = self._stats.get(key, 0) + n
 
     def _count_all(self, keys):
         with self._stats_lock:
-            st = self.stats
+            st = self._stats
             for k in keys:
                 st[k] = st.get(k, 0) + 1
+
+    def _count_loop(self, keys):
+        """Counters written by the UDP receive loop alone (and tests calling
+        its parts): no lock on the answer table's path."""
+        c = self._loop_counts
+        for k in keys:
+            c[k] += 1
 
     def _allowed_cached(self, src_ip):
         """allowed(), remembered per source (bounded)."""
@@ -810,15 +833,15 @@ class DNSServer:
         if self.rrl.enabled:
             verdict = self.rrl.check(src_ip, (lname, qtype, flags & 0xF))
             if verdict != "ok":
-                self._count_all(("queries", "udp", "rrl_slipped" if verdict == "slip" else "rrl_dropped"))
+                self._count_loop(("queries", "udp", "rrl_slipped" if verdict == "slip" else "rrl_dropped"))
                 if verdict == "drop":
-                    self.metrics.request("udp", qtype)
+                    self.metrics.observe_loop(qtype, None, 0.0)
                     return b""
-                self.metrics.observe("udp", qtype, flags & 0xF, time.perf_counter() - t0)
+                self.metrics.observe_loop(qtype, flags & 0xF, time.perf_counter() - t0)
                 return wire[:2] + struct.pack("!HHHHH", flags | 0x0200, 1, 0, 0, 1 if edns else 0) \
                     + qname + wire[qend - 4:qend] + (OPT_OURS if edns else b"")
-        self._count_all(("queries", "udp", "noerror" if flags & 0xF == 0 else "nxdomain", "fast"))
-        self.metrics.observe("udp", qtype, flags & 0xF, time.perf_counter() - t0)
+        self._count_loop(("queries", "udp", "noerror" if flags & 0xF == 0 else "nxdomain", "fast"))
+        self.metrics.observe_loop(qtype, flags & 0xF, time.perf_counter() - t0)
         return wire[:2] + struct.pack("!HHHHH", flags, 1, an, ns, ar + edns) + qname + wire[qend - 4:qend] \
             + tail + (OPT_OURS if edns else b"")
 
@@ -1132,18 +1155,18 @@ class DNSServer:
         sock = self._udp
         while not self._closing.is_set():
             try:
-                wire, addr = sock.recvfrom(65535)
-            except socket.timeout:
-                continue
+                wire, addr = sock.recvfrom(UDP_RECV)
             except OSError:
                 if self._closing.is_set():
                     return
                 time.sleep(0.01)         # e.g. ECONNREFUSED left over from an ICMP error
                 continue
+            if not wire and self._closing.is_set():
+                return
             # the rate limit first: a flood costs one dict lookup per packet
             if not self.admit(addr[0]):
-                self._count_all(("queries", "udp", "ratelimited"))
-                self.metrics.request("udp", qtype_of(wire))
+                self._count_loop(("queries", "udp", "ratelimited"))
+                self.metrics.observe_loop(qtype_of(wire), None, 0.0)
                 continue
             try:
                 out = self.fast_answer(wire, addr[0])

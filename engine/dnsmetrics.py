@@ -45,6 +45,39 @@ class DNSMetrics:
         self.requests = collections.Counter()         # (proto, type) -> n
         self.responses = collections.Counter()        # rcode name -> n
         self.hist = {}                                # type -> [count per bucket..., +Inf], sum
+        # the same, written by the UDP receive loop alone (no lock on its path); UDP
+        self.loop_requests = collections.Counter()
+        self.loop_responses = collections.Counter()
+        self.loop_hist = {}
+
+    def observe_loop(self, qtype, rcode, seconds):
+        """observe() for the UDP receive loop's own thread."""
+        t = TYPES.get(qtype, "other")
+        self.loop_requests[t] += 1
+        if rcode is None:
+            return
+        self.loop_responses[RCODES.get(rcode, str(rcode))] += 1
+        h = self.loop_hist.get(t)
+        if h is None:
+            h = self.loop_hist[t] = [[0] * (len(BUCKETS) + 1), 0.0]
+        h[0][bisect.bisect_left(BUCKETS, seconds)] += 1
+        h[1] += seconds
+
+    def snapshot(self):
+        """(requests, responses, hist) of both kinds, added up."""
+        with self._lock:
+            requests = collections.Counter(self.requests)
+            responses = collections.Counter(self.responses)
+            hist = {t: [list(h[0]), h[1]] for t, h in self.hist.items()}
+        for t, n in dict(self.loop_requests).items():
+            requests[("udp", t)] += n
+        responses.update(dict(self.loop_responses))
+        for t, h in dict(self.loop_hist).items():
+            counts, total = list(h[0]), h[1]
+            mine = hist.setdefault(t, [[0] * (len(BUCKETS) + 1), 0.0])
+            mine[0] = [a + b for a, b in zip(mine[0], counts)]
+            mine[1] += total
+        return requests, responses, hist
 
     def observe(self, proto, qtype, rcode, seconds):
         """One request; rcode None: no response was sent (dropped)."""
@@ -60,9 +93,6 @@ class DNSMetrics:
             h[0][bisect.bisect_left(BUCKETS, seconds)] += 1
             h[1] += seconds
 
-    def request(self, proto, qtype):
-        """A request answered with nothing (rate limited)."""
-        self.observe(proto, qtype, None, 0.0)
 
 
 class DNSCollector:
@@ -76,10 +106,7 @@ class DNSCollector:
     def collect(self):
         m = self.server.metrics
         srv = self.SERVER
-        with m._lock:
-            requests = dict(m.requests)
-            responses = dict(m.responses)
-            hist = {t: ([*h[0]], h[1]) for t, h in m.hist.items()}
+        requests, responses, hist = m.snapshot()
         c = CounterMetricFamily("coredns_dns_requests", "Counter of DNS requests made per zone, protocol and family.",
                                 labels=["server", "zone", "view", "proto", "family", "type"])
         for (proto, t), n in sorted(requests.items()):
