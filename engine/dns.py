@@ -861,12 +861,16 @@ class DNSServer:
         e.last_hit = now
         self.cache.stats["hits_denial" if e.negative else "hits_success"] += 1
         flags, an, ns, ar, tail, ttls = e.fast
+        elapsed = int(age)
+        patched = e.patched               # the bytes with TTLs counted down, made once a second
+        if patched is not None and patched[0] == elapsed:
+            return flags, an, ns, ar, patched[1]
         if ttls:
             b = bytearray(tail)
-            elapsed = int(age)
             for off, ttl in ttls:
                 struct.pack_into("!I", b, off, max(0, ttl - elapsed))
             tail = bytes(b)
+        e.patched = (elapsed, tail)
         return flags, an, ns, ar, tail
 
     def _remember(self, zone, q):

@@ -28,7 +28,7 @@ PREFETCH_PERCENT = 10     # prefetch once less than this share of the TTL is lef
 
 
 class Entry:
-    __slots__ = ("wire", "stored", "ttl", "negative", "hits", "last_hit", "refreshing", "fast")
+    __slots__ = ("wire", "stored", "ttl", "negative", "hits", "last_hit", "refreshing", "fast", "patched")
 
     def __init__(self, wire, stored, ttl, negative):
         self.wire = wire              # the upstream answer, id 0
@@ -41,6 +41,7 @@ class Entry:
         # for the server's answer table: (flags, ancount, nscount, arcount, sections after the
         # question with a lowercased question, [(offset of a TTL in them, its value)])
         self.fast = None
+        self.patched = None               # (whole seconds elapsed, the sections with TTLs counted down)
 
 
 class DNSCache:
