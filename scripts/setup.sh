@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-for tool in ip:iproute2 curl:curl iperf3:iperf3 dig:dnsutils nft:nftables iptables:iptables haproxy:haproxy wrk:wrk; do
+for tool in ip:iproute2 curl:curl iperf3:iperf3 dig:dnsutils nft:nftables iptables:iptables haproxy:haproxy wrk:wrk dnsperf:dnsperf; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
