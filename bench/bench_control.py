@@ -38,7 +38,8 @@ from _common import (TH_SYN, time_batches, client_addr, fmt_ratio, ip_int, ip_st
 
 from engine import _fastpath, compiler, servicemap  # noqa: E402
 from engine import config as config_mod  # noqa: E402
-from engine.dataplane import Engine  # noqa: E402
+from engine.host import FakeHost  # noqa: E402
+from engine.proxier import Engine  # noqa: E402
 from engine.model import Endpoint, EndpointSlice, Service, ServicePort, Source  # noqa: E402
 
 EPS = 10                               # endpoints per service
@@ -143,7 +144,7 @@ def compile_swap(n, runs, tmp, load_limit):
     out = {"services": n, "build": [], "rows": [], "compile": [], "swap": [], "sum": [], "sync": [], "load": []}
     dp = new_dp(1024)
     dp.swap(compiler.compile_tables(servicemap.build(cfg), eng_cfg))
-    eng = Engine(cfg)
+    eng = Engine(cfg, host=FakeHost())
     eng.sync(cfg)                           # first sync: allocations start empty
     for _ in range(runs):
         gc.collect()
@@ -157,7 +158,7 @@ def compile_swap(n, runs, tmp, load_limit):
         t3 = time.perf_counter()
         compiler.rows(smap, eng_cfg)
         t4 = time.perf_counter()
-        eng.sync(cfg)
+        eng.sync(full=True)
         t5 = time.perf_counter()
         out["build"].append(t1 - t0)
         out["compile"].append(t2 - t1)
@@ -297,7 +298,7 @@ def endpoint_change(n, runs, tmp):
     # objects in memory
     cfg_down = make_config(n, unready=(svc, ep))
     cfg_up = with_ready(cfg_down, svc, ep, True)
-    eng = Engine(cfg_down)
+    eng = Engine(cfg_down, host=FakeHost())
     eng.sync(cfg_down)
     for direction, cfg_to, cfg_back, want in (("ready", cfg_up, cfg_down, True),
                                               ("unready", cfg_down, cfg_up, False)):
@@ -310,7 +311,7 @@ def endpoint_change(n, runs, tmp):
     d = tempfile.mkdtemp(dir=tmp)
     path = write_yaml(d, n, unready=(svc, ep))
     t0 = time.perf_counter()
-    eng = Engine(config_mod.load(path))
+    eng = Engine(config_mod.load(path), host=FakeHost())
     eng.sync(eng.cfg)
     res["initial_load_sync"] = time.perf_counter() - t0
     if hasattr(eng, "apply"):
@@ -321,7 +322,7 @@ def endpoint_change(n, runs, tmp):
                    [measure("apply", eng, lambda t=text: eng.apply(t, "change.yaml"), want,
                             lambda t=back: eng.apply(t, "change.yaml")) for _ in range(runs)])
         eng.apply(down, "change.yaml")      # back to the file's state for the reload
-        eng.overrides = {}
+        eng.sources.layers["apply"].clear()     # (the same objects as the files': nothing changes)
 
     def reload():
         if hasattr(eng, "reload"):

@@ -13,7 +13,7 @@ from . import servicemap, views
 
 log = logging.getLogger("engine")
 
-WATCH_INTERVAL = 0.25       # seconds between checks of the watched files
+WATCH_INTERVAL = 0.25       # seconds between checks of the watched files, without inotify
 DEFAULT_SOCKET = "/run/engine/engine.sock"
 
 
@@ -37,41 +37,60 @@ def cmd_check(args):
 
 def cmd_run(args):
     from .control import ControlServer, HTTPEndpoint
-    from .dataplane import Engine
-    cfg = config_mod.load(args.config)
+    from .proxier import Engine
+    cache = config_mod.FileCache()
+    cfg = config_mod.load(args.config, cache=cache)
     if args.control_socket:
         cfg.engine.control_socket = args.control_socket
     if args.state_file:
         cfg.engine.state_file = args.state_file
     for n in cfg.notes:
         log.info("%s", n)
-    eng = Engine(cfg)
+    eng = Engine(cfg, file_cache=cache)
     stop = threading.Event()
     reload_ = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *a: stop.set())
-    signal.signal(signal.SIGINT, lambda *a: stop.set())
-    signal.signal(signal.SIGHUP, lambda *a: reload_.set())
+    wake = threading.Event()            # the main loop acts on a signal at once
+    signal.signal(signal.SIGTERM, lambda *a: (stop.set(), wake.set()))
+    signal.signal(signal.SIGINT, lambda *a: (stop.set(), wake.set()))
+    signal.signal(signal.SIGHUP, lambda *a: (reload_.set(), wake.set()))
     servers = []
+    watcher = None
+
+    def reload(why, noticed=None):
+        try:
+            eng.reload(noticed=noticed)
+            log.info("reloaded %s (%s)", args.config, why)
+        except config_mod.ConfigError as e:
+            log.error("reload refused, running table unchanged: %s", e)
+
     try:
         for bind in {cfg.engine.healthz_bind_address, cfg.engine.metrics_bind_address} - {None}:
             servers.append(HTTPEndpoint(eng, bind).start())
         eng.start()
         if cfg.engine.control_socket:
             servers.append(ControlServer(eng, cfg.engine.control_socket).start())
+        try:
+            from .watch import FileWatcher
+            watcher = FileWatcher(eng.watched, lambda noticed: reload("files changed", noticed)).start()
+        except (ImportError, OSError) as e:
+            log.warning("no inotify (%s): watching the files by polling every %.2f s", e, WATCH_INTERVAL)
         log.info("engine running (pid %d); SIGTERM or SIGINT stops it, SIGHUP reloads", os.getpid())
         while not stop.is_set():
-            stop.wait(WATCH_INTERVAL)
-            try:
-                if reload_.is_set():
-                    reload_.clear()
-                    eng.reload()
-                    log.info("reloaded %s (SIGHUP)", args.config)
-                elif eng.watch_once():
-                    log.info("reloaded %s (files changed)", args.config)
-            except config_mod.ConfigError as e:
-                log.error("reload refused, running table unchanged: %s", e)
+            wake.wait(WATCH_INTERVAL if watcher is None else 1.0)
+            wake.clear()
+            if reload_.is_set():
+                reload_.clear()
+                reload("SIGHUP")
+            elif watcher is None:
+                try:
+                    if eng.watch_once():
+                        log.info("reloaded %s (files changed)", args.config)
+                except config_mod.ConfigError as e:
+                    log.error("reload refused, running table unchanged: %s", e)
             eng.snapshot_if_due()
     finally:
+        if watcher is not None:
+            watcher.close()
         for srv in servers:
             srv.close()
         eng.stop()

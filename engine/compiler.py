@@ -1,19 +1,19 @@
-"""Service map -> flat fast-path tables (engine._fastpath.Tables).
+"""Service map -> flat fast-path tables (the Tables of engine._fastpath, or
+of engine.refpath: the target is a parameter).
 
-One row per (address, port, protocol) that opens flows: the cluster IP of
-every service port, each node port (address 0: any node address), the
-LoadBalancer ingress IP (with its source ranges) and every external IP.
+One row per (address, port, protocol) that opens flows, i.e. per service
+*port* and address: the cluster IP of every service port, each node port
+(address 0: any node address), the LoadBalancer ingress IP (with its source
+ranges) and every external IP.
+
+Compiler keeps, for one running engine, the stable ids and the rows of the
+generation in the fast path, so that a partial change compiles only the
+services it touches: endpoints alone patch backends in place
+(Tables.with_backends), anything else re-lays the rows it has cached.
 """
 from __future__ import annotations
 
-import ipaddress
-import socket
-import struct
-
-from .model import PROTOCOLS
-
-SCHEDULER_IDS = {"random": 0, "rr": 1, "lc": 2, "sh": 3, "mh": 4}
-SCHEDULER_ANNOTATION = "engine.io/scheduler"     # per service, as kube-router's
+from .model import PROTOCOLS, SCHEDULER_ANNOTATION, SCHEDULER_IDS, cidr, ip_int
 
 
 class Ids:
@@ -40,10 +40,15 @@ class Ids:
             self.ids[key] = i
         return i
 
+    def release(self, keys):
+        for k in keys:
+            i = self.ids.pop(k, None)
+            if i is not None:
+                self.free.append(i)
+
     def retain(self, keys):
         """Release the ids of every key not in keys."""
-        for k in [k for k in self.ids if k not in keys]:
-            self.free.append(self.ids.pop(k))
+        self.release([k for k in self.ids if k not in keys])
         self.used = set()
 
 
@@ -55,72 +60,145 @@ class CompileState:
         self.backends = Ids(max_backends)
 
 
-def _int(ip, _unpack=struct.Struct("!I").unpack, _aton=socket.inet_aton):
-    # addresses here were validated by config.py; inet_aton is ~10x ipaddress
-    return _unpack(_aton(ip))[0]
-
-
-def _cidr(c):
-    n = ipaddress.IPv4Network(c)
-    return (int(n.network_address), n.prefixlen)
-
-
 def backend_rows(name, pi, state):
     """The backends of one service port as a table row takes them."""
     bid = state.backends.get
-    return [(_int(e.ip), e.port, bid((name, e.ip, e.port))) for e in pi.usable]
+    return [(ip_int(e.ip), e.port, bid((name, e.ip, e.port))) for e in pi.usable]
 
 
-def rows(smap, engine_cfg, extra=(), state=None):
-    """The table rows as plain dicts. With a CompileState, rows carry stable
-    service and backend ids."""
+def service_rows(info, engine_cfg, state=None):
+    """The table rows of one service, as plain dicts. With a CompileState,
+    rows carry stable service-port and backend ids."""
+    s = info.svc
+    if s.type == "ExternalName" or info.cluster_ip in (None, "None"):
+        return []
     out = []
-    for info in smap.services.values():
-        s = info.svc
-        if s.type == "ExternalName" or info.cluster_ip in (None, "None"):
-            continue
-        sched = SCHEDULER_IDS[s.annotations.get(SCHEDULER_ANNOTATION, engine_cfg.scheduler)]
-        for pi in info.ports:
-            proto = PROTOCOLS[pi.port.protocol]
-            name = info.port_name(pi)
-            if state:
-                # one id per (service port, endpoint): lc counts flows per service, as IPVS
-                backends = backend_rows(name, pi, state)
-            else:
-                backends = [(_int(e.ip), e.port) for e in pi.usable]
-            base = dict(name=name, port=pi.port.port, proto=proto, backends=backends, scheduler=sched)
-            if state:
-                base["id"] = state.services.get(name)
-            if s.session_affinity == "ClientIP":
-                base["affinity_timeout"] = s.affinity_timeout
-            out.append(dict(base, vip=_int(info.cluster_ip)))
-            if pi.node_port:
-                out.append(dict(base, vip=0, port=pi.node_port, nodeport=True))
-            if info.ingress_ip:
-                out.append(dict(base, vip=_int(info.ingress_ip),
-                                source_ranges=[_cidr(c) for c in s.load_balancer_source_ranges]))
-            for ext in s.external_ips:
-                if ext != info.ingress_ip:
-                    out.append(dict(base, vip=_int(ext)))
-    for r in extra:
+    sched = SCHEDULER_IDS[s.annotations.get(SCHEDULER_ANNOTATION, engine_cfg.scheduler)]
+    for pi in info.ports:
+        name = info.port_name(pi)
         if state:
-            r = dict(r, id=state.services.get(r["name"]),
-                     backends=[(a, p, state.backends.get((r["name"], str(ipaddress.IPv4Address(a)), p)))
-                               for a, p, *_ in r["backends"]])
-        out.append(r)
+            # one id per (service port, endpoint): lc counts flows per service port, as IPVS
+            backends = backend_rows(name, pi, state)
+        else:
+            backends = [(ip_int(e.ip), e.port) for e in pi.usable]
+        base = dict(name=name, port=pi.port.port, proto=PROTOCOLS[pi.port.protocol], backends=backends,
+                    scheduler=sched)
+        if state:
+            base["id"] = state.services.get(name)
+        if s.session_affinity == "ClientIP":
+            base["affinity_timeout"] = s.affinity_timeout
+        out.append(dict(base, vip=ip_int(info.cluster_ip)))
+        if pi.node_port:
+            out.append(dict(base, vip=0, port=pi.node_port, nodeport=True))
+        if info.ingress_ip:
+            out.append(dict(base, vip=ip_int(info.ingress_ip),
+                            source_ranges=[cidr(c) for c in s.load_balancer_source_ranges]))
+        for ext in s.external_ips:
+            if ext != info.ingress_ip:
+                out.append(dict(base, vip=ip_int(ext)))
     return out
 
 
-def compile_tables(smap, engine_cfg, node_addrs=(), extra=(), state=None):
-    """Build one generation of fast-path tables."""
-    from . import _fastpath
-    rs = rows(smap, engine_cfg, extra, state)
+def rows(smap, engine_cfg, state=None):
+    """Every table row of a service map."""
+    return [r for info in smap.services.values() for r in service_rows(info, engine_cfg, state)]
+
+
+def _target(fastpath):
+    if fastpath is None:
+        from . import _fastpath as fastpath
+    return fastpath
+
+
+def _tables(fastpath, rs, engine_cfg, node_addrs):
+    drop = [cidr(engine_cfg.service_cidr)]
+    if engine_cfg.load_balancer_cidr:
+        drop.append(cidr(engine_cfg.load_balancer_cidr))
+    return fastpath.Tables(rs, vips=sorted({r["vip"] for r in rs if r["vip"]}), drop_cidrs=drop,
+                           node_addrs=[ip_int(a) for a in node_addrs])
+
+
+def compile_tables(smap, engine_cfg, node_addrs=(), state=None, fastpath=None):
+    """Build one generation of tables for fastpath (engine._fastpath by
+    default, or engine.refpath)."""
+    rs = rows(smap, engine_cfg, state)
     if state:
         state.services.retain(state.services.used)
         state.backends.retain(state.backends.used)
-    vips = sorted({r["vip"] for r in rs if r["vip"]})
-    drop = [_cidr(engine_cfg.service_cidr)]
-    if engine_cfg.load_balancer_cidr:
-        drop.append(_cidr(engine_cfg.load_balancer_cidr))
-    return _fastpath.Tables(rs, vips=vips, drop_cidrs=drop,
-                            node_addrs=[_int(a) for a in node_addrs])
+    return _tables(_target(fastpath), rs, engine_cfg, node_addrs)
+
+
+class Compiler:
+    """Compiles service maps for one running engine (see the module doc)."""
+
+    def __init__(self, fastpath=None, state=None):
+        self.fastpath = _target(fastpath)
+        self.state = state or CompileState()
+        self.rows = {}          # service key -> its rows, in table order
+        self.bkeys = {}         # service key -> the backend id keys its rows hold
+        self.index = {}         # service key -> row indexes in the tables last built
+        self.engine_cfg = None
+        self.node_addrs = ()
+
+    def full(self, smap, engine_cfg, node_addrs=()):
+        """Every service compiled anew."""
+        self.rows = {k: service_rows(info, engine_cfg, self.state) for k, info in smap.services.items()}
+        self.bkeys = {k: _backend_keys(smap.services[k]) for k, r in self.rows.items() if r}
+        self.state.services.retain(self.state.services.used)
+        self.state.backends.retain(self.state.backends.used)
+        self.engine_cfg, self.node_addrs = engine_cfg, tuple(node_addrs)
+        return self._lay_out()
+
+    def _lay_out(self):
+        rs, i = [], 0
+        self.index = {}
+        for k, group in self.rows.items():
+            self.index[k] = list(range(i, i + len(group)))
+            rs.extend(group)
+            i += len(group)
+        return _tables(self.fastpath, rs, self.engine_cfg, self.node_addrs)
+
+    def partial(self, tables, smap, keys, removed=()):
+        """tables (the generation in the fast path) with the services keys
+        compiled anew and the services removed taken out. Endpoint changes
+        patch backends; a change of rows (ports, type, addresses, scheduler,
+        affinity, a service added or removed) re-lays the cached rows."""
+        ids = self.state
+        relay = False
+        patch = {}
+        for key in removed:
+            old = self.rows.pop(key, None)
+            if old is not None:
+                self._release(key, old, [], set())
+                relay = True
+        for key in keys:
+            info = smap.services[key]
+            new = service_rows(info, self.engine_cfg, ids)
+            old = self.rows.get(key)
+            self.rows[key] = new
+            self._release(key, old or [], new, _backend_keys(info) if new else set())
+            if old is not None and len(old) == len(new) and all(_same_row(a, b) for a, b in zip(old, new)):
+                for i, r in zip(self.index[key], new):
+                    patch[i] = r["backends"]
+            else:
+                relay = True
+        ids.services.used, ids.backends.used = set(), set()     # (full() asks for every key again)
+        if relay:
+            return self._lay_out()
+        return tables.with_backends(patch) if patch else tables
+
+    def _release(self, key, old, new, bkeys):
+        """Give back the ids old's rows held that new's do not."""
+        self.state.services.release({r["name"] for r in old} - {r["name"] for r in new})
+        self.state.backends.release(self.bkeys.pop(key, set()) - bkeys)
+        if bkeys:
+            self.bkeys[key] = bkeys
+
+
+def _backend_keys(info):
+    return {(info.port_name(pi), e.ip, e.port) for pi in info.ports for e in pi.usable}
+
+
+def _same_row(a, b):
+    """Rows equal but for their backends: a patch in place will do."""
+    return len(a) == len(b) and all(a[k] == b.get(k) for k in a if k != "backends")

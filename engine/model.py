@@ -5,14 +5,40 @@ config.py reads only these, never raw YAML.
 """
 from __future__ import annotations
 
+import ipaddress
+import socket
+import struct
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-PROTOCOLS = {"TCP": 6, "UDP": 17}
+# The engine's vocabulary, listed once (the C enums are asserted against these).
+PROTOCOLS = {"TCP": 6, "UDP": 17}              # Service protocols the fast path takes
+PROTO_ICMP = 1
+PROTO_NAMES = {PROTO_ICMP: "icmp", 6: "tcp", 17: "udp"}
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
 # New-flow schedulers, by the ids the fast path knows them by: random as
 # kube-proxy's iptables/nftables modes, the rest IPVS's names.
 SCHEDULERS = ("random", "rr", "lc", "sh", "mh")
+SCHEDULER_IDS = {name: i for i, name in enumerate(SCHEDULERS)}
+SCHEDULER_ANNOTATION = "engine.io/scheduler"   # per service, as kube-router's
+
+
+def ip_int(ip, _unpack=struct.Struct("!I").unpack, _aton=socket.inet_aton):
+    """Dotted IPv4 -> host-order int (inet_aton is ~10x ipaddress; the
+    address was validated when its object was parsed)."""
+    return _unpack(_aton(ip))[0]
+
+
+def cidr(text):
+    """"10.96.0.0/12" -> (network int, prefix length), host bits cleared.
+    ValueError when it is not an IPv4 CIDR."""
+    n = ipaddress.IPv4Network(text, strict=False)     # AddressValueError etc. are ValueErrors
+    return int(n.network_address), n.prefixlen
+
+
+def cidr_text(c):
+    """(network int, prefix length) -> "10.96.0.0/12"."""
+    return f"{socket.inet_ntoa(struct.pack('!I', c[0]))}/{c[1]}"
 
 
 @dataclass(frozen=True)
@@ -53,7 +79,7 @@ class Service:
     affinity_timeout: int = 10800
     annotations: dict = field(default_factory=dict)
     publish_not_ready: bool = False
-    source: Optional[Source] = None
+    source: Optional[Source] = field(default=None, compare=False)   # where it was read: not part of its state
 
     @property
     def key(self):
@@ -74,7 +100,7 @@ class Pod:
     terminating: bool
     hostname: Optional[str]
     container_ports: dict         # name -> (port, protocol)
-    source: Optional[Source] = None
+    source: Optional[Source] = field(default=None, compare=False)   # where it was read: not part of its state
 
 
 @dataclass(frozen=True)
@@ -97,4 +123,4 @@ class EndpointSlice:
     service_name: str
     ports: list                   # [(name, port, protocol)]
     endpoints: list               # [Endpoint] with port 0: ports come from .ports
-    source: Optional[Source] = None
+    source: Optional[Source] = field(default=None, compare=False)   # where it was read: not part of its state

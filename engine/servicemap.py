@@ -75,6 +75,11 @@ class ServiceMap:
             self._selectors = (by_label, by_name)
         return self._selectors
     slices: dict = field(default_factory=dict, repr=False)      # (ns, service) -> {slice key: [slices]}
+    # what is handed out, for a partial update: address -> service key,
+    # (node port, protocol) -> service key, ingress address -> service key
+    ips: dict = field(default_factory=dict, repr=False)
+    node_ports: dict = field(default_factory=dict, repr=False)
+    ingress: dict = field(default_factory=dict, repr=False)
 
     def allocations(self):
         """What to keep stable on the next build (see build(previous=))."""
@@ -139,24 +144,11 @@ def build(cfg, previous=None):
         elif s.cluster_ip == "None":
             info.cluster_ip = "None"
     # 2. allocate the rest, keeping earlier allocations
-    hosts = cidr.num_addresses - 2
     for s in services:
         info = infos[s.key]
         if s.type == "ExternalName" or info.cluster_ip:
             continue
-        prev = (previous.get(s.key) or {}).get("cluster_ip")
-        if prev and prev != "None" and prev not in used_ips and ipaddress.IPv4Address(prev) in cidr:
-            ip = prev
-        else:
-            if hosts <= len(used_ips):
-                raise ConfigError(s.source, "spec.clusterIP", f"serviceCIDR {cidr} is full")
-            start = _hash(s.key) % hosts
-            for i in range(hosts):
-                ip = str(cidr.network_address + 1 + (start + i) % hosts)
-                if ip not in used_ips:
-                    break
-        used_ips[ip] = f"service {s.key}"
-        info.cluster_ip = ip
+        info.cluster_ip = _allocate_ip(s, cidr, used_ips, (previous.get(s.key) or {}).get("cluster_ip"))
 
     _node_ports(eng, services, infos, previous)
     _ingress(eng, services, infos, previous, used_ips)
@@ -164,21 +156,56 @@ def build(cfg, previous=None):
     slices = {}
     for sl in cfg.slices:
         slices.setdefault((sl.namespace, sl.service_name), {}).setdefault(_slice_key(sl), []).append(sl)
-    slices_by_svc = {k: [x for group in v.values() for x in group] for k, v in slices.items()}
     warnings = []
     for s in services:
-        info = infos[s.key]
-        for pi in info.ports:
-            if s.selector is not None:
-                pi.endpoints = _selector_endpoints(s, pi.port, pods.select(s.namespace, s.selector))
-            else:
-                pi.endpoints = _slice_endpoints(pi.port, slices_by_svc.get((s.namespace, s.name), []))
-        _portless(info, pods, slices_by_svc.get((s.namespace, s.name), []))
-        if s.type != "ExternalName" and s.selector is not None and not pods.select(s.namespace, s.selector):
-            info.warnings.append(f"selector {_fmt_sel(s.selector)} matches no pod")
-        warnings.extend(f"{s.source}: {w}" for w in info.warnings)
-    return ServiceMap(services=infos, warnings=warnings, slices=slices, index=pods,
+        _resolve(infos[s.key], pods, slices)
+        warnings.extend(f"{s.source}: {w}" for w in infos[s.key].warnings)
+    smap = ServiceMap(services=infos, warnings=warnings, slices=slices, index=pods,
                       pods={(p.namespace, p.name): p for p in cfg.pods})
+    smap.ips = {ip: k[8:] for ip, k in used_ips.items() if k.startswith("service ")}
+    smap.node_ports = {np_: k for k, info in infos.items() for np_ in _node_port_keys(info)}
+    smap.ingress = {info.ingress_ip: k for k, info in infos.items() if info.ingress_ip}
+    return smap
+
+
+def _allocate_ip(s, cidr, used_ips, prev):
+    """A cluster IP for s: prev when it is still free, else the first free
+    address from a hash of its name."""
+    hosts = cidr.num_addresses - 2
+    if prev and prev != "None" and prev not in used_ips and ipaddress.IPv4Address(prev) in cidr:
+        ip = prev
+    else:
+        if hosts <= len(used_ips):
+            raise ConfigError(s.source, "spec.clusterIP", f"serviceCIDR {cidr} is full")
+        start = _hash(s.key) % hosts
+        for i in range(hosts):
+            ip = str(cidr.network_address + 1 + (start + i) % hosts)
+            if ip not in used_ips:
+                break
+    used_ips[ip] = f"service {s.key}"
+    return ip
+
+
+def _node_port_keys(info):
+    return [(pi.node_port, pi.port.protocol) for pi in info.ports if pi.node_port]
+
+
+def _resolve(info, pods, slices):
+    """The endpoints of every port of info (and the addresses of a port-less
+    headless service), from the pods its selector picks or the slices of the
+    service; the one place endpoints are resolved."""
+    s = info.svc
+    info.warnings = [w for w in info.warnings if "matches no pod" not in w]
+    sl = [x for group in slices.get((s.namespace, s.name), {}).values() for x in group]
+    selected = pods.select(s.namespace, s.selector) if s.selector is not None else None
+    for pi in info.ports:
+        if selected is not None:
+            pi.endpoints = _selector_endpoints(s, pi.port, selected)
+        else:
+            pi.endpoints = _slice_endpoints(pi.port, sl)
+    _portless(info, pods, sl)
+    if s.type != "ExternalName" and s.selector is not None and not selected:
+        info.warnings.append(f"selector {_fmt_sel(s.selector)} matches no pod")
 
 
 def _slice_key(sl):
@@ -186,14 +213,157 @@ def _slice_key(sl):
     return (sl.source.kind, sl.namespace, sl.source.name) if sl.source else (sl.namespace, sl.name)
 
 
-def update_endpoints(smap, pods=(), slices=()):
-    """A new ServiceMap for a change of Pods and/or EndpointSlices only
-    (kube-proxy's endpoints change tracker): only services whose endpoints
-    can change are recomputed. pods: [(key, Pod or None)]; slices:
-    [(slice key, namespace, service name, [slices] or None)].
-    Returns (new smap, keys of the services recomputed)."""
+class NeedFull(Exception):
+    """A change a partial update does not make (an address or port claimed
+    twice, say): the caller does a full build, which sorts it out or names
+    the error."""
+
+
+def update(smap, eng, services=(), pods=(), slices=()):
+    """A new ServiceMap for a set of object changes (kube-proxy's service
+    and endpoints change trackers): only what they touch is recomputed.
+      services: [(key "ns/name", Service or None)]
+      pods:     [((ns, name), Pod or None)]
+      slices:   [(slice key, namespace, service name, [slices] or None)]
+    Returns (new smap, keys of the services recomputed, keys removed).
+    Raises NeedFull when only a full build can say."""
+    infos = dict(smap.services)
+    ips, node_ports, ingress = dict(smap.ips), dict(smap.node_ports), dict(smap.ingress)
+    by_label, by_name = smap.selectors()
+    affected, removed = set(), set()
+    if services:
+        by_label, by_name = dict(by_label), dict(by_name)
+        for key, _ in services:                 # release first: a change may reuse its own addresses
+            old = infos.pop(key, None)
+            if old is None:
+                continue
+            _release(old, ips, node_ports, ingress, by_label, by_name)
+            removed.add(key)
+        for key, svc in services:
+            if svc is None:
+                continue
+            prev = smap.services.get(key)
+            infos[key] = _allocate(svc, eng, prev, ips, node_ports, ingress)
+            _index_selector(svc, by_label, by_name)
+            affected.add(key)
+            removed.discard(key)
+    new_pods, index, new_slices, owners, touched = _endpoint_changes(smap, pods, slices)
+    for p in touched:
+        for k, v in p.labels.items():
+            for s in by_label.get((p.namespace, k, v), ()):
+                if _matches(s.selector, p.labels):
+                    affected.add(s.key)
+    for owner in owners:
+        s = by_name.get(owner)
+        if s is not None and s.selector is None:
+            affected.add(s.key)
+    warnings = smap.warnings
+    for key in affected:
+        old = infos[key]
+        info = ServiceInfo(svc=old.svc, cluster_ip=old.cluster_ip, ingress_ip=old.ingress_ip,
+                           ports=[PortInfo(port=pi.port, node_port=pi.node_port, endpoints=[]) for pi in old.ports],
+                           warnings=list(old.warnings))
+        _resolve(info, index, new_slices)
+        infos[key] = info
+    if services:
+        if any(k not in smap.services for k in affected):
+            infos = dict(sorted(infos.items()))     # kept in key order, as build gives it
+        warnings = [f"{i.svc.source}: {w}" for i in infos.values() for w in i.warnings]
+    out = ServiceMap(services=infos, warnings=warnings, pods=new_pods, slices=new_slices, index=index,
+                     _selectors=(by_label, by_name), ips=ips, node_ports=node_ports, ingress=ingress)
+    return out, affected, removed
+
+
+def _release(info, ips, node_ports, ingress, by_label, by_name):
+    s = info.svc
+    if ips.get(info.cluster_ip) == s.key:
+        del ips[info.cluster_ip]
+    for k in _node_port_keys(info):
+        if node_ports.get(k) == s.key:
+            del node_ports[k]
+    if info.ingress_ip and ingress.get(info.ingress_ip) == s.key:
+        del ingress[info.ingress_ip]
+    by_name.pop((s.namespace, s.name), None)
+    for k, v in (s.selector or {}).items():
+        lst = [x for x in by_label.get((s.namespace, k, v), ()) if x.key != s.key]
+        if lst:
+            by_label[(s.namespace, k, v)] = lst
+        else:
+            by_label.pop((s.namespace, k, v), None)
+
+
+def _index_selector(s, by_label, by_name):
+    by_name[(s.namespace, s.name)] = s
+    for k, v in (s.selector or {}).items():
+        by_label[(s.namespace, k, v)] = by_label.get((s.namespace, k, v), []) + [s]
+
+
+def _allocate(s, eng, prev, ips, node_ports, ingress):
+    """ServiceInfo of one added or changed service, its addresses and node
+    ports taken from what is free (prev's first)."""
+    info = ServiceInfo(svc=s, cluster_ip=None, ports=[PortInfo(port=p, node_port=None, endpoints=[]) for p in s.ports])
+    cidr = ipaddress.IPv4Network(eng.service_cidr)
+    used = {ip: f"service {k}" for ip, k in ips.items()}      # (the messages' wording; only on allocation)
+    if eng.dns.cluster_ip:
+        used[eng.dns.cluster_ip] = "the cluster DNS service (dns.clusterIP)"
+    if s.type != "ExternalName":
+        if s.cluster_ip == "None":
+            info.cluster_ip = "None"
+        elif s.cluster_ip:
+            ip = ipaddress.IPv4Address(s.cluster_ip)
+            if s.cluster_ip in used or ip not in cidr or ip in (cidr.network_address, cidr.broadcast_address):
+                raise NeedFull()
+            info.cluster_ip = s.cluster_ip
+        else:
+            info.cluster_ip = _allocate_ip(s, cidr, used, prev.cluster_ip if prev else None)
+        if info.cluster_ip != "None":
+            ips[info.cluster_ip] = s.key
+    if s.type in ("NodePort", "LoadBalancer"):
+        lo, hi = eng.node_port_range
+        had = {(p.port.port, p.port.protocol): p.node_port for p in prev.ports} if prev else {}
+        for pi in info.ports:
+            proto, p = pi.port.protocol, pi.port.node_port
+            if p is not None:
+                if (p, proto) in node_ports or not lo <= p <= hi:
+                    raise NeedFull()
+            else:
+                p = had.get((pi.port.port, proto))
+                if not (p and lo <= p <= hi and (p, proto) not in node_ports):
+                    start = _hash(f"{s.key}:{pi.port.port}/{proto}") % (hi - lo + 1)
+                    p = next((lo + (start + j) % (hi - lo + 1) for j in range(hi - lo + 1)
+                              if (lo + (start + j) % (hi - lo + 1), proto) not in node_ports), None)
+                    if p is None:
+                        raise NeedFull()
+            node_ports[(p, proto)] = s.key
+            pi.node_port = p
+    if s.type == "LoadBalancer":
+        if s.load_balancer_ip:
+            if s.load_balancer_ip in ingress or s.load_balancer_ip in used:
+                raise NeedFull()
+            info.ingress_ip = s.load_balancer_ip
+        elif not eng.load_balancer_cidr:
+            info.warnings.append("no loadBalancerCIDR: the ingress IP stays <pending>")
+        else:
+            pool = ipaddress.IPv4Network(eng.load_balancer_cidr)
+            p = prev.ingress_ip if prev else None
+            if p and p not in ingress and ipaddress.IPv4Address(p) in pool:
+                info.ingress_ip = p
+            else:
+                hosts = pool.hosts() if pool.num_addresses > 1 else [pool.network_address]
+                info.ingress_ip = next((str(a) for a in hosts if str(a) not in ingress), None)
+                if info.ingress_ip is None:
+                    info.warnings.append(f"loadBalancerCIDR {pool} is exhausted: the ingress IP stays <pending>")
+        if info.ingress_ip:
+            ingress[info.ingress_ip] = s.key
+    return info
+
+
+def _endpoint_changes(smap, pods, slices):
+    """Pods and slices after the changes: (pods, PodIndex, slices by
+    service, services whose slices changed, old and new versions of the
+    changed pods)."""
     new_pods = dict(smap.pods)
-    touched = []                       # old and new versions of changed pods
+    touched = []
     for key, pod in pods:
         old = new_pods.pop(key, None)
         if old is not None:
@@ -205,56 +375,21 @@ def update_endpoints(smap, pods=(), slices=()):
     owners = set()
     for skey, ns, svc_name, group in slices:
         owner = (ns, svc_name)
-        cur = dict(new_slices.get(owner, {}))
-        for k2, v in list(cur.items()):        # the same object may have moved to another service
-            if k2 == skey:
-                del cur[k2]
-        for o, g in list(new_slices.items()):
-            if o != owner and skey in g:
+        for o, g in list(new_slices.items()):      # the object may have moved to another service
+            if skey in g:
                 g2 = dict(g)
                 del g2[skey]
                 new_slices[o] = g2
                 owners.add(o)
         if group:
+            cur = dict(new_slices.get(owner, {}))
             cur[skey] = group
-        new_slices[owner] = cur
+            new_slices[owner] = cur
         owners.add(owner)
-    affected = set()
-    by_label, by_name = smap.selectors()
-    for p in touched:
-        for k, v in p.labels.items():
-            for s in by_label.get((p.namespace, k, v), ()):
-                if _matches(s.selector, p.labels):
-                    affected.add(s.key)
-    for owner in owners:
-        s = by_name.get(owner)
-        if s is not None and s.selector is None:
-            affected.add(s.key)
     removed = [p for p in touched if new_pods.get((p.namespace, p.name)) is not p]
     added = [p for p in touched if new_pods.get((p.namespace, p.name)) is p]
-    index = smap.index.updated(removed, added)
-    if not affected:
-        return ServiceMap(services=smap.services, warnings=smap.warnings, pods=new_pods, slices=new_slices,
-                          index=index, _selectors=smap._selectors), affected
-    services = dict(smap.services)
-    for key in affected:
-        old = services[key]
-        s = old.svc
-        info = ServiceInfo(svc=s, cluster_ip=old.cluster_ip, ingress_ip=old.ingress_ip,
-                           ports=[PortInfo(port=pi.port, node_port=pi.node_port, endpoints=[]) for pi in old.ports],
-                           warnings=[w for w in old.warnings if "matches no pod" not in w])
-        sl = [x for g in new_slices.get((s.namespace, s.name), {}).values() for x in g]
-        for pi in info.ports:
-            if s.selector is not None:
-                pi.endpoints = _selector_endpoints(s, pi.port, index.select(s.namespace, s.selector))
-            else:
-                pi.endpoints = _slice_endpoints(pi.port, sl)
-        _portless(info, index, sl)
-        if s.type != "ExternalName" and s.selector is not None and not index.select(s.namespace, s.selector):
-            info.warnings.append(f"selector {_fmt_sel(s.selector)} matches no pod")
-        services[key] = info
-    return ServiceMap(services=services, warnings=smap.warnings, pods=new_pods, slices=new_slices,
-                      index=index, _selectors=smap._selectors), affected
+    index = smap.index.updated(removed, added) if touched else smap.index
+    return new_pods, index, new_slices, owners, touched
 
 
 def _node_ports(eng, services, infos, previous):

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from .compiler import SCHEDULER_ANNOTATION
+from .model import PROTO_NAMES, SCHEDULER_ANNOTATION
 from .servicemap import dns_service_info, usable as usable_endpoints
-
-PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp"}
 
 
 def table(rows):
@@ -53,7 +51,7 @@ def _ready_eps(info):
 def endpoints(smap):
     """As `kubectl get endpoints -A`: the addresses that take new flows."""
     rows = [("NAMESPACE", "NAME", "ENDPOINTS")]
-    for info in smap.services.values():
+    for _, info in sorted(smap.services.items()):
         if info.svc.type != "ExternalName":
             rows.append((info.svc.namespace, info.svc.name, ",".join(_ready_eps(info)) or "<none>"))
     return table(rows)

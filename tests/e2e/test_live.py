@@ -126,6 +126,26 @@ def test_apply_and_delete(lab, live):
     assert q.stdout.strip() == "no"
 
 
+def test_a_service_file_moved_in_and_removed_is_seen_at_once(lab, live):
+    """inotify: a manifest renamed into the folder (as editors and
+    config-management tools write) is served within a second, and its
+    removal withdraws the service; only the changed file is read."""
+    eng, d = live
+    tmp, f = d / "manifests" / ".watched.yaml.tmp", d / "manifests" / "watched.yaml"
+    tmp.write_text(UDP_SVC.replace("name: echo}", "name: watched}").replace("10.96.100.100", "10.96.100.170"))
+    t0 = time.time()
+    os.replace(tmp, f)
+    while lab.udp_query(lab.client_ns, "10.96.100.170", 53, payload="hi", timeout=0.2) is None:
+        assert time.time() - t0 < 3, eng.log()[-2000:]
+    assert time.time() - t0 < 1.0
+    assert "no inotify" not in eng.log()
+    f.unlink()
+    t0 = time.time()
+    while lab.udp_query(lab.client_ns, "10.96.100.170", 53, payload="hi", timeout=0.2) is not None:
+        assert time.time() - t0 < 3, eng.log()[-2000:]
+    assert "watched" not in eng.ctl("get", "svc").stdout
+
+
 def test_bad_file_change_keeps_running_table(lab, live):
     eng, d = live
     f = d / "manifests" / "svc.yaml"

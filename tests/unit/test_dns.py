@@ -388,8 +388,8 @@ subsets: [{addresses: [{ip: 10.244.6.1}]}]
     assert rdatas(ask(z, "legacy.default.svc.cluster.local")) == ["10.244.6.1"]
     assert "10.244.4.1" in views.endpoints(smap) and "10.244.4.2" not in views.endpoints(smap)
     # the incremental path keeps them too: gov-1 turns ready
-    smap2, affected = servicemap.update_endpoints(
-        smap, pods=[(("default", "gov-1"), config.parse_text(pod("gov-1", "10.244.4.2", "app: gov"), "x").pods[0])])
+    smap2, affected, _ = servicemap.update(
+        smap, cfg.engine, pods=[(("default", "gov-1"), config.parse_text(pod("gov-1", "10.244.4.2", "app: gov"), "x").pods[0])])
     assert affected == {"default/gov"}
     z2 = ClusterZone(smap2, cfg.engine.dns)
     assert rdatas(ask(z2, "gov.default.svc.cluster.local")) == ["10.244.4.1", "10.244.4.2"]
