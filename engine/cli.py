@@ -56,9 +56,9 @@ def cmd_run(args):
     servers = []
     watcher = None
 
-    def reload(why, noticed=None):
+    def reload(why, noticed=None, paths=None):
         try:
-            eng.reload(noticed=noticed)
+            eng.reload(noticed=noticed, paths=paths)
             log.info("reloaded %s (%s)", args.config, why)
         except config_mod.ConfigError as e:
             log.error("reload refused, running table unchanged: %s", e)
@@ -71,7 +71,7 @@ def cmd_run(args):
             servers.append(ControlServer(eng, cfg.engine.control_socket).start())
         try:
             from .watch import FileWatcher
-            watcher = FileWatcher(eng.watched, lambda noticed: reload("files changed", noticed)).start()
+            watcher = FileWatcher(eng.watched, lambda noticed, paths: reload("files changed", noticed, paths)).start()
         except (ImportError, OSError) as e:
             log.warning("no inotify (%s): watching the files by polling every %.2f s", e, WATCH_INTERVAL)
         log.info("engine running (pid %d); SIGTERM or SIGINT stops it, SIGHUP reloads", os.getpid())

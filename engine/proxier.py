@@ -13,6 +13,7 @@ fast path is engine._fastpath or engine.refpath.
 """
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -226,7 +227,8 @@ class Engine:
         n_svc = sum(1 for k in changes if k[0] == "Service")
         self.metrics.synced(self.last_sync_kind, self.sync_seconds, self.last_sync_wall,
                             [swapped - c.since for c in changes.values()], n_svc, len(changes) - n_svc)
-        for w in smap.warnings if full else ():
+        for w in smap.warnings if full else (f"{smap.services[k].svc.source}: {w}"
+                                             for k in keys for w in smap.services[k].warnings):
             log.warning("%s", w)
         return smap
 
@@ -277,8 +279,8 @@ class Engine:
             self._dns_wake.clear()
             smap, self._dns_smap = self._dns_smap, None
             if smap is not None and self.dns is not None:
-                try:
-                    self.dns.update(smap)
+                try:       # in key order, as a full build gives it
+                    self.dns.update(dataclasses.replace(smap, services=dict(sorted(smap.services.items()))))
                 except Exception:       # the zone stays as it was; the next change tries again
                     log.exception("cluster DNS zone update failed")
 
@@ -362,10 +364,13 @@ class Engine:
                       "node_port_range", "metrics_bind_address", "healthz_bind_address",
                       "control_socket", "state_file", "dns")
 
-    def reload(self, cfg=None, noticed=None):
+    def reload(self, cfg=None, noticed=None, paths=None):
         """Re-read the configuration files (or take cfg) and apply them
-        (noticed: when the change was seen, time.monotonic()). A bad change
-        is refused (ConfigError) and the running table stays as it was."""
+        (noticed: when the change was seen, time.monotonic(); paths: only
+        these manifest files changed). A bad change is refused (ConfigError)
+        and the running table stays as it was."""
+        if cfg is None and paths is not None and self.cfg.path not in paths:
+            return self._reload_files(paths, noticed)
         if cfg is None:     # parsed outside the lock (inspection goes on); unchanged files are not read
             cfg = config_mod.load(self.cfg.path, cache=self.file_cache)
         with self.lock:
@@ -384,6 +389,54 @@ class Engine:
                 raise
             if cfg.engine.conntrack != old.engine.conntrack:
                 self.fp.set_timeouts(timeouts_from(cfg.engine.conntrack))
+
+    def _reload_files(self, paths, noticed):
+        """Some manifest files changed (not the main configuration): read
+        those alone and hand over the objects that differ; cost grows with
+        the files changed, not with every file watched."""
+        cache = self.file_cache
+        cache.read = []
+        saved = {p: cache.entries.get(p) for p in paths}
+        try:
+            changes, had = {}, set()
+            for p in paths:
+                old = config_mod.objects_by_key(saved[p][1]) if saved[p] else {}
+                had.update(old)
+                new = {}
+                if os.path.isfile(p):
+                    frag, inner = cache.get(p)
+                    if inner:
+                        raise ConfigError(p, "", "EngineConfiguration belongs in the main configuration file")
+                    new = config_mod.objects_by_key(frag)
+                else:
+                    cache.entries.pop(p, None)
+                for k in old:
+                    changes.setdefault(k, None)
+                changes.update(new)
+            with self.lock:
+                files = self.sources.layers["files"]
+                for (kind, ns, name), v in changes.items():
+                    if v is not None and (kind, ns, name) in files and (kind, ns, name) not in had:
+                        raise ConfigError(v[0].source, "metadata.name",
+                                          f"duplicate {kind} {ns}/{name} (also in another file)")
+                snap = self.sources.snapshot()
+                for k, v in changes.items():
+                    self.sources.set("files", k, v, noticed)
+                try:
+                    self._sync()
+                except Exception:
+                    self._undo(snap)
+                    raise
+                listed = set(self.cfg.files)
+                self.cfg.files = [f for f in self.cfg.files if f == self.cfg.path or os.path.isfile(f)] + \
+                    sorted(p for p in paths if p not in listed and os.path.isfile(p))
+        except Exception:
+            for p, e in saved.items():      # refused: the cache forgets what it read
+                if e is None:
+                    cache.entries.pop(p, None)
+                else:
+                    cache.entries[p] = e
+            raise
 
     def apply(self, text, name, delete=False):
         """engine apply/delete -f: objects in text replace (or remove) those

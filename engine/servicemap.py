@@ -224,11 +224,17 @@ def update(smap, eng, services=(), pods=(), slices=()):
     and endpoints change trackers): only what they touch is recomputed.
       services: [(key "ns/name", Service or None)]
       pods:     [((ns, name), Pod or None)]
-      slices:   [(slice key, namespace, service name, [slices] or None)]
+      slices:   [(slice key, namespace, service name, [slices] or None)];
+                a slice that moved from one service to another is given
+                twice: None for the one it left, then for the one it joined
     Returns (new smap, keys of the services recomputed, keys removed).
-    Raises NeedFull when only a full build can say."""
+    Raises NeedFull when only a full build can say. The new map's services
+    are in no particular order (build's are sorted) and its warnings are
+    those of the last build: the recomputed services carry their own."""
     infos = dict(smap.services)
-    ips, node_ports, ingress = dict(smap.ips), dict(smap.node_ports), dict(smap.ingress)
+    ips = dict(smap.ips) if services else smap.ips
+    node_ports = dict(smap.node_ports) if services else smap.node_ports
+    ingress = dict(smap.ingress) if services else smap.ingress
     by_label, by_name = smap.selectors()
     affected, removed = set(), set()
     if services:
@@ -265,10 +271,6 @@ def update(smap, eng, services=(), pods=(), slices=()):
                            warnings=list(old.warnings))
         _resolve(info, index, new_slices)
         infos[key] = info
-    if services:
-        if any(k not in smap.services for k in affected):
-            infos = dict(sorted(infos.items()))     # kept in key order, as build gives it
-        warnings = [f"{i.svc.source}: {w}" for i in infos.values() for w in i.warnings]
     out = ServiceMap(services=infos, warnings=warnings, pods=new_pods, slices=new_slices, index=index,
                      _selectors=(by_label, by_name), ips=ips, node_ports=node_ports, ingress=ingress)
     return out, affected, removed
@@ -303,9 +305,7 @@ def _allocate(s, eng, prev, ips, node_ports, ingress):
     ports taken from what is free (prev's first)."""
     info = ServiceInfo(svc=s, cluster_ip=None, ports=[PortInfo(port=p, node_port=None, endpoints=[]) for p in s.ports])
     cidr = ipaddress.IPv4Network(eng.service_cidr)
-    used = {ip: f"service {k}" for ip, k in ips.items()}      # (the messages' wording; only on allocation)
-    if eng.dns.cluster_ip:
-        used[eng.dns.cluster_ip] = "the cluster DNS service (dns.clusterIP)"
+    used = _UsedIPs(ips, eng.dns.cluster_ip)
     if s.type != "ExternalName":
         if s.cluster_ip == "None":
             info.cluster_ip = "None"
@@ -358,6 +358,23 @@ def _allocate(s, eng, prev, ips, node_ports, ingress):
     return info
 
 
+class _UsedIPs:
+    """The cluster IPs handed out (ips: address -> service key) and the DNS
+    address, as _allocate_ip asks: without copying ips."""
+
+    def __init__(self, ips, dns_ip):
+        self.ips, self.dns_ip = ips, dns_ip
+
+    def __contains__(self, ip):
+        return ip in self.ips or ip == self.dns_ip
+
+    def __len__(self):
+        return len(self.ips) + (1 if self.dns_ip and self.dns_ip not in self.ips else 0)
+
+    def __setitem__(self, ip, what):
+        pass                        # the caller records the address in ips itself
+
+
 def _endpoint_changes(smap, pods, slices):
     """Pods and slices after the changes: (pods, PodIndex, slices by
     service, services whose slices changed, old and new versions of the
@@ -374,17 +391,14 @@ def _endpoint_changes(smap, pods, slices):
     new_slices = dict(smap.slices)
     owners = set()
     for skey, ns, svc_name, group in slices:
+        # (a slice that moved to another service comes as two entries: None
+        # for the service it left, its slices for the one it joined)
         owner = (ns, svc_name)
-        for o, g in list(new_slices.items()):      # the object may have moved to another service
-            if skey in g:
-                g2 = dict(g)
-                del g2[skey]
-                new_slices[o] = g2
-                owners.add(o)
+        cur = dict(new_slices.get(owner, {}))
+        cur.pop(skey, None)
         if group:
-            cur = dict(new_slices.get(owner, {}))
             cur[skey] = group
-            new_slices[owner] = cur
+        new_slices[owner] = cur
         owners.add(owner)
     removed = [p for p in touched if new_pods.get((p.namespace, p.name)) is not p]
     added = [p for p in touched if new_pods.get((p.namespace, p.name)) is p]

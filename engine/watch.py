@@ -21,19 +21,19 @@ MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 class FileWatcher:
-    """Calls on_change(noticed) (noticed: time.monotonic() of the first
-    event) when a file of the configuration changes, from a thread of its
-    own. paths() gives what to watch now: (files, manifest folders); it is
+    """Calls on_change(noticed, paths) (noticed: time.monotonic() of the
+    first event; paths: the files that changed) when a file of the
+    configuration changes, from a thread of its own. paths() gives what to watch now: (files, manifest folders); it is
     asked again after every change (a reload may name other files)."""
 
-    def __init__(self, paths, on_change, settle=0.005):
+    def __init__(self, paths, on_change, settle=0):
         from inotify_simple import INotify, flags
         self._flags = flags
         self.mask = flags.CLOSE_WRITE | flags.MOVED_TO | flags.MOVED_FROM | flags.DELETE | flags.CREATE
         self.inotify = INotify()
         self.paths = paths
         self.on_change = on_change
-        self.settle = settle            # events of one save come together: take them at once
+        self.settle = settle            # seconds to wait for more events of one save (queued ones are taken anyway)
         self._wd = {}                   # folder -> watch descriptor
         self._dirs = {}                 # watch descriptor -> folder
         self._files = set()
@@ -62,15 +62,18 @@ class FileWatcher:
             self._wd[d], self._dirs[wd] = d, d
 
     def relevant(self, ev):
+        """The path ev changed, or None when it is none of ours."""
         d = self._dirs.get(ev.wd)
         if d is None or not ev.name:
-            return False
+            return None
         if ev.mask & self._flags.CREATE and not ev.mask & self._flags.ISDIR:
-            return False                # still being written: its CLOSE_WRITE follows
+            return None                 # still being written: its CLOSE_WRITE follows
         path = os.path.join(d, ev.name)
         if path in self._files:
-            return True
-        return d in self._folders and ev.name.endswith(MANIFEST_SUFFIXES) and not ev.name.startswith(".")
+            return path
+        if d in self._folders and ev.name.endswith(MANIFEST_SUFFIXES) and not ev.name.startswith("."):
+            return path
+        return None
 
     def start(self):
         self._thread.start()
@@ -84,14 +87,15 @@ class FileWatcher:
                 if self._stop.is_set():
                     return
                 raise
-            if not any(self.relevant(e) for e in events):
+            paths = {p for p in map(self.relevant, events) if p}
+            if not paths:
                 continue
             noticed = time.monotonic()
             if self.settle:
                 time.sleep(self.settle)
-                self.inotify.read(timeout=0)        # the rest of the same save
+            paths.update(p for p in map(self.relevant, self.inotify.read(timeout=0)) if p)     # queued meanwhile
             try:
-                self.on_change(noticed)
+                self.on_change(noticed, sorted(paths))
             except Exception:       # a refused reload is logged by on_change; the watcher goes on
                 log.exception("reload after a file change failed")
             self.rewatch()

@@ -114,8 +114,8 @@ def test_the_watcher_notices_writes_renames_and_removals(tmp_path):
     seen = []
     got = threading.Event()
 
-    def changed(noticed):
-        seen.append(noticed)
+    def changed(noticed, paths):
+        seen.append(paths)
         got.set()
 
     w = FileWatcher(lambda: ([str(p)] + [str(f) for f in m.iterdir()], [str(m)]), changed).start()
@@ -133,6 +133,7 @@ def test_the_watcher_notices_writes_renames_and_removals(tmp_path):
         expect(lambda: (tmp.write_text("y: 2\n"), os.replace(tmp, m / "f1.yaml")))   # renamed over
         expect(lambda: (m / "new.yaml").write_text("z: 3\n"))                  # a new file in a folder
         expect(lambda: (m / "f2.yaml").unlink())                               # removed
+        assert seen[-4:] == [[str(m / "f0.yaml")], [str(m / "f1.yaml")], [str(m / "new.yaml")], [str(m / "f2.yaml")]]
         expect(lambda: p.write_text("kind: EngineConfiguration\n"))            # the main file
         expect(lambda: (m / "notes.txt").write_text("n"), want=False)          # not a manifest
         expect(lambda: (m / ".hidden.yaml").write_text("n"), want=False)       # an editor's temporary

@@ -298,3 +298,59 @@ def test_with_backends_is_what_a_fresh_table_gives(mod):
     for k in range(60):
         pkt = raw(IP(src=f"192.168.1.{k + 1}", dst=f"10.96.0.{k % 6 + 1}") / TCP(sport=30000 + k, dport=80, flags="S"))
         assert a.process(pkt, 5) == b.process(pkt, 5)
+
+
+@pytest.fixture
+def file_engine(tmp_path):
+    """An engine on a folder of manifests: one file per service and its pods."""
+    m = tmp_path / "manifests"
+    m.mkdir()
+    for i in range(5):
+        (m / f"s{i}.yaml").write_text(service(f"s{i}", f"10.96.1.{i + 1}", f"a{i}") + pod(f"p{i}", f"10.244.{i}.2", f"a{i}"))
+    p = tmp_path / "engine.yaml"
+    p.write_text("kind: EngineConfiguration\nmanifests: [./manifests]\n")
+    cache = config.FileCache()
+    eng = Engine(config.load(str(p), cache=cache), host=FakeHost(), fastpath=refpath, serve_dns=False, file_cache=cache)
+    eng.start()
+    yield eng, m
+    eng.stop()
+
+
+def test_a_changed_file_alone_is_read_and_synced_partially(file_engine):
+    eng, m = file_engine
+    no_full_sync(eng)
+    f = m / "s2.yaml"
+    f.write_text(service("s2", "10.96.1.3", "a2") + pod("p2", "10.244.2.2", "a2") + pod("p2b", "10.244.2.3", "a2"))
+    eng.reload(paths=[str(f)])
+    assert eng.file_cache.read == [str(f)]
+    assert backends_seen(eng, "10.96.1.3") == {"10.244.2.2", "10.244.2.3"}
+    new = m / "s9.yaml"                                     # a new file in the folder
+    new.write_text(service("s9", "10.96.1.9", "a1"))
+    eng.reload(paths=[str(new)])
+    assert str(new) in eng.cfg.files
+    assert backends_seen(eng, "10.96.1.9") == {"10.244.1.2"}
+    f.unlink()                                              # a file removed takes its objects along
+    eng.reload(paths=[str(f)])
+    assert "default/s2" not in eng.smap.services and str(f) not in eng.cfg.files
+    assert view(eng) == full_view(eng)
+
+
+def test_a_bad_or_duplicate_file_is_refused(file_engine):
+    eng, m = file_engine
+    before = view(eng)
+    dup = m / "dup.yaml"
+    dup.write_text(service("s1", "10.96.1.50", "a1"))      # s1 is s1.yaml's
+    with pytest.raises(ConfigError, match="duplicate Service default/s1"):
+        eng.reload(paths=[str(dup)])
+    dup.write_text(service("s7", "10.96.1.50", "a1") + service("s7", "10.96.1.51", "a1"))     # twice in one file
+    with pytest.raises(ConfigError, match="duplicate Service default/s7"):
+        eng.reload(paths=[str(dup)])
+    bad = m / "s3.yaml"
+    bad.write_text("kind: Service\nmetadata: {name: s3\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        eng.reload(paths=[str(bad)])
+    assert view(eng) == before and len(eng.tracker) == 0
+    bad.write_text(service("s3", "10.96.1.4", "a3", port=81) + pod("p3", "10.244.3.2", "a3"))
+    dup.unlink()
+    eng.reload(paths=[str(bad), str(dup)])
+    assert backends_seen(eng, "10.96.1.4", 81) == {"10.244.3.2"}
