@@ -89,7 +89,7 @@ def service_rows(info, engine_cfg, state=None):
             base["affinity_timeout"] = s.affinity_timeout
         out.append(dict(base, vip=ip_int(info.cluster_ip)))
         if pi.node_port:
-            out.append(dict(base, vip=0, port=pi.node_port, nodeport=True))
+            out.append(dict(base, vip=0, port=pi.node_port))      # vip 0: any node address
         if info.ingress_ip:
             out.append(dict(base, vip=ip_int(info.ingress_ip),
                             source_ranges=[cidr(c) for c in s.load_balancer_source_ranges]))

@@ -34,11 +34,15 @@ def test_bench_fastpath_quick(tmp_path):
 
 
 def test_bench_control_quick(tmp_path):
-    stdout, _, data = run_bench("bench_control.py", 90, tmp_path)
-    assert "Compile and swap, ms" in stdout
-    assert "One endpoint change to the fast path using it, 1,000 services" in stdout
+    stdout, _, data = run_bench("bench_control.py", 240, tmp_path)
+    assert "Scale, ms" in stdout
+    assert "One change into the fast path, 1,000 services" in stdout
     assert "First-packet cost" in stdout
-    assert [d["services"] for d in data["results"]["compile"]] == [10, 1000]   # --quick stops at 1,000
+    assert [d["services"] for d in data["results"]["scale"]] == [10, 1000]   # --quick stops at 1,000
+    labels = [r["label"] for r in data["results"]["changes"]["rows"]]
+    for source in ("object event", "engine apply -f", "inotify"):
+        assert any(source in lab and "endpoint" in lab for lab in labels), (source, labels)
+    assert any("service deleted" in lab for lab in labels)
 
 
 def test_bench_paths_quick(tmp_path):
