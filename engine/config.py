@@ -110,7 +110,8 @@ if hasattr(yaml, "CSafeLoader"):
 else:
     CSafeLoader = None
 
-MAX_FAST_DEPTH = 1000
+MAX_FAST_DEPTH = 1000      # deeper: the pure-Python loader, whose recursion limit gives a clean error
+MAX_DEPTH = 10 * MAX_FAST_DEPTH
 _DEEP_BLOCK = re.compile(r"(?:[-?:][ \t]+){%d}" % MAX_FAST_DEPTH)
 
 
@@ -123,7 +124,10 @@ def _yaml_docs(text, name):
         if docs is not None:
             return docs
     loader = StrictSafeLoader
-    if CSafeLoader is not None and not _maybe_deep(text):
+    depth = _flow_depth(text)
+    if depth > MAX_DEPTH:      # no manifest nests so deep: refused before any parser recurses
+        raise ConfigError(name, "", "invalid YAML: nested too deeply")
+    if CSafeLoader is not None and depth <= MAX_FAST_DEPTH and not _DEEP_BLOCK.search(text):
         loader = CSafeLoader
     try:
         return [d for d in yaml.load_all(text, Loader=loader) if d is not None]
@@ -162,13 +166,11 @@ _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 
-def _maybe_deep(text):
-    """True when text may nest deeper than MAX_FAST_DEPTH (an over-estimate:
-    brackets inside strings count too, which only costs speed)."""
+def _flow_depth(text):
+    """How deep text's flow collections ([ and {) nest at most (an
+    over-estimate: brackets inside strings count too)."""
     brackets = _NOT_BRACKET.sub("", text)
-    if len(brackets) > MAX_FAST_DEPTH and max(itertools.accumulate(map(_DEPTH_STEP.__getitem__, brackets))) > MAX_FAST_DEPTH:
-        return True
-    return _DEEP_BLOCK.search(text) is not None
+    return max(itertools.accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0)
 
 MAX_FILE_BYTES = 16 * 1024 * 1024     # a manifest larger than this is refused
 DNS_POD_MODES = ("insecure", "verified", "disabled")

@@ -25,7 +25,7 @@ class Host:
         """One fd per queue; empty when no packets flow (a fake)."""
         raise NotImplementedError
 
-    def steer_queues(self, masq_ip):
+    def attach_flow_steering(self, masq_ip):
         """Both directions of a flow on one queue (engine/steering.py);
         OSError when the kernel cannot."""
         raise NotImplementedError
@@ -46,7 +46,7 @@ class Host:
         external IPs outside the routed ranges)."""
         raise NotImplementedError
 
-    def steer_node_ports(self, addresses, port_range):
+    def route_node_ports(self, addresses, port_range):
         """Node-port traffic to these node addresses into the TUN."""
         raise NotImplementedError
 
@@ -75,7 +75,7 @@ class LinuxHost(Host):
     def filenos(self):
         return [q.fileno() for q in self.tun.queues] if self.tun else []
 
-    def steer_queues(self, masq_ip):
+    def attach_flow_steering(self, masq_ip):
         from . import steering
         steering.attach(self.tun.fileno(0), int(ipaddress.IPv4Address(masq_ip)))
 
@@ -91,8 +91,8 @@ class LinuxHost(Host):
     def set_routes(self, cidrs):
         self.tun.set_routes(cidrs)
 
-    def steer_node_ports(self, addresses, port_range):
-        self.tun.steer_node_ports(addresses, port_range)
+    def route_node_ports(self, addresses, port_range):
+        self.tun.route_node_ports(addresses, port_range)
 
     def node_addresses(self):
         if self._given is not None:
@@ -116,7 +116,7 @@ class FakeHost(Host):
         self.local = set()          # addresses added to the TUN
         self.routes = set()         # add_route
         self.extra_routes = set()   # set_routes
-        self.node_port_steering = None      # (addresses, port range)
+        self.node_port_routing = None      # (addresses, port range)
 
     def open(self, queues):
         self.opened = True
@@ -124,7 +124,7 @@ class FakeHost(Host):
     def filenos(self):
         return []
 
-    def steer_queues(self, masq_ip):
+    def attach_flow_steering(self, masq_ip):
         raise OSError("no TUN queues in a fake host")
 
     def enable_forwarding(self):
@@ -139,8 +139,8 @@ class FakeHost(Host):
     def set_routes(self, cidrs):
         self.extra_routes = set(cidrs)
 
-    def steer_node_ports(self, addresses, port_range):
-        self.node_port_steering = (sorted(addresses), tuple(port_range))
+    def route_node_ports(self, addresses, port_range):
+        self.node_port_routing = (sorted(addresses), tuple(port_range))
 
     def node_addresses(self):
         return list(self.addresses)

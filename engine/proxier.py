@@ -134,11 +134,11 @@ class Engine:
 
     def _steer_queues(self, eng):
         try:
-            self.host.steer_queues(eng.masquerade_ip)
+            self.host.attach_flow_steering(eng.masquerade_ip)
         except OSError as e:
             log.warning("no queue steering (%s): the two directions of a flow may take different queues", e)
             return
-        self.fp.steer_queues = self.queues
+        self.fp.tun_queues = self.queues
         log.info("queue steering: eBPF, both directions of a flow on one of %d queues", self.queues)
 
     def _run(self, io, fd):
@@ -265,7 +265,7 @@ class Engine:
     def _housekeeping(self, old, smap, keys, removed):
         """After the swap: host routes, the DNS zone, stale UDP flows."""
         changed = None if keys is None else keys | removed
-        self._steer(self.cfg.engine, smap, changed)
+        self._route(self.cfg.engine, smap, changed)
         if self.dns is not None and (changed is None or removed or any(
                 old.services.get(k) is None or old.services[k].svc != smap.services[k].svc
                 or smap.services[k].cluster_ip == "None" for k in keys)):
@@ -515,7 +515,7 @@ class Engine:
             addrs = [a for a in addrs if any(ipaddress.IPv4Address(a) in n for n in nets)]
         return addrs
 
-    def _steer(self, eng, smap, keys=None):
+    def _route(self, eng, smap, keys=None):
         """Routes and rules that bring this table's traffic into the TUN.
         keys: only these services changed."""
         routed = [ipaddress.IPv4Network(eng.service_cidr)]
@@ -540,7 +540,7 @@ class Engine:
                 self._routes[k] = extra
         after = (set().union(*self._routes.values()), bool(self._node_port_services))
         if after[1] and (full or not before[1]):
-            self.host.steer_node_ports(self.node_addrs, eng.node_port_range)
+            self.host.route_node_ports(self.node_addrs, eng.node_port_range)
         if full or after[0] != before[0]:
             self.host.set_routes(after[0])
 

@@ -11,7 +11,7 @@ program returns (modulo the queue count). This one returns
     the source port       for any other (the client's side),
 
 and the fast path picks each flow's masquerade port congruent to the client's
-source port modulo the queue count (Dataplane.steer_queues): both ports give
+source port modulo the queue count (Dataplane.tun_queues): both ports give
 the same queue. The program is eleven instructions of classic packet loads
 (LD_ABS/LD_IND, which give host byte order and end the program on a short
 packet), loaded with the bpf() syscall: no compiler, no library.

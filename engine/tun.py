@@ -1,4 +1,4 @@
-"""The TUN device and the routes that steer service traffic into it.
+"""The TUN device and the routes that bring service traffic into it.
 
 Everything added is recorded and removed again by Tun.close(), in reverse
 order, also after a partial setup.
@@ -18,7 +18,7 @@ log = logging.getLogger("engine.tun")
 TXQUEUELEN = 10000      # the kernel->user ring; the default 500 tail-drops bursts
 LOCAL_TABLE = 255
 NODEPORT_TABLE = 2004   # holds one route: default dev <tun>
-PRIO_FROM_TUN = 90      # iif <tun> lookup local: what the engine writes is never steered again
+PRIO_FROM_TUN = 90      # iif <tun> lookup local: what the engine writes is never routed back in
 PRIO_NODEPORT = 91      # to <node addr> ipproto tcp|udp dport <range> lookup NODEPORT_TABLE
 PRIO_LOCAL = 100        # where the kernel's priority-0 local rule moves (as Cilium does)
 
@@ -132,7 +132,7 @@ class Tun:
             self._extra_undo = True
             self._undo.append(lambda: [self._del_route(c) for c in self._extra_routes])
 
-    def steer_node_ports(self, addresses, port_range):
+    def route_node_ports(self, addresses, port_range):
         """Policy routing for node ports, no netfilter: packets to a node
         address on a port in port_range go to NODEPORT_TABLE, whose only
         route leads into the TUN. The local rule moves from priority 0 to

@@ -153,7 +153,7 @@ def stats(eng):
         rows.append((f"drops.{r}", n))
     for q, n in enumerate(eng.fp.queue_packets()):
         rows.append((f"queue{q}.rx_packets", n))
-    rows.append(("queue_steering", f"ebpf ({eng.fp.steer_queues} queues)" if eng.fp.steer_queues > 1 else "off"))
+    rows.append(("queue_steering", f"ebpf ({eng.fp.tun_queues} queues)" if eng.fp.tun_queues > 1 else "off"))
     rows.append(("sync_seconds", f"{eng.sync_seconds:.6f}"))
     rows.append(("syncs", eng.syncs))
     rows.append(("services", len(eng.smap.services)))

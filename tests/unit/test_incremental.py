@@ -168,7 +168,7 @@ def test_service_added_changed_deleted_take_the_partial_path(engine):
     engine.apply(service("new", "10.96.3.1", "n", port=8080, extra="\n  type: NodePort"), "x")
     assert engine.fp.current_tables.size == rows + 2
     node_port = engine.smap.services["default/new"].ports[0].node_port
-    assert engine.host.node_port_steering == (["192.168.50.1"], (30000, 32767))
+    assert engine.host.node_port_routing == (["192.168.50.1"], (30000, 32767))
     assert backends_seen(engine, "192.168.50.1", node_port) == {"10.244.30.2"}
     # affinity and scheduler
     engine.apply(service("new", "10.96.3.1", "n", port=8080,
