@@ -160,9 +160,18 @@ def cmd_demo(args):
     return run_demo(requests=args.requests)
 
 
+def _version():
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("engine")
+    except PackageNotFoundError:   # run from a checkout that was never installed
+        return "unknown (not installed: run scripts/setup.sh)"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="engine", description="Kubernetes Service load balancer on a TUN device")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--version", action="version", version="engine " + _version())
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the engine in the foreground")
     r.add_argument("config")
