@@ -153,7 +153,7 @@ def argv_programs(words, shell=False):
             if prog == "command":   # `command -v X` looks X up to run it
                 out += [os.path.basename(w) for w in rest if w is not None and NAME.match(os.path.basename(w))]
                 return out
-            if prog not in SHELL_BUILTINS | {"command"}:
+            if prog not in ("exec", "command"):   # builtins of the shell
                 out.append(prog)
             words = rest
             continue
@@ -232,8 +232,10 @@ class PythonScan:
     def words(self, elts):
         out = []
         for e in elts:
-            s = self.strings(e) if not isinstance(e, ast.Starred) else []
-            out.append(s[0] if len(s) == 1 else None)
+            s = set(self.strings(e)) if not isinstance(e, ast.Starred) else set()
+            if len({os.path.basename(x) for x in s}) == 1 < len(s):   # NGINX: which("nginx") or its path
+                s = {os.path.basename(s.pop())}
+            out.append(s.pop() if len(s) == 1 else None)
         return out
 
     def add_argv(self, words, line):
@@ -364,6 +366,7 @@ while read -r a b; do command -v "$a" >/dev/null || p-loop-body; done < <(p-proc
 if [ -n "$(p-cmd-subst)" ]; then helper; fi
 "$VENV/bin/python" -m pip install x
 X=1 p-after-assign | sudo p-sudo
+exec p-exec "$@"
 '''
 
 
@@ -374,4 +377,4 @@ def test_scanner_finds_each_pattern(tmp_path):
                      "p-lab-shell2", "sh", "p-sh-c", "p-bound", "p-which-loop"}, found
     found = {p for p, _ in shell_programs(SAMPLE_SH, "sample.sh")}
     assert found == {"dirname", "p-in-func", "p-loop-body", "p-proc-subst", "p-cmd-subst",
-                     "p-after-assign", "sudo", "p-sudo"}, found
+                     "p-after-assign", "sudo", "p-sudo", "p-exec"}, found
