@@ -74,9 +74,9 @@ fi
 # (Re)install when this checkout, its build files or its dependencies changed,
 # or when the built extension is gone (a git clean): a stamp records what was
 # installed.
-shopt -s nullglob
-stamp="$ROOT $(sha256sum pyproject.toml setup.py cext/*.pyx cext/*.pxi cext/*.pxd cext/*.h | sha256sum | cut -d' ' -f1)"
-shopt -u nullglob
+sources=$(find pyproject.toml setup.py cext -type f \( -name '*.toml' -o -name '*.py' -o -name '*.pyx' \
+    -o -name '*.pxi' -o -name '*.pxd' -o -name '*.h' \) | sort)
+stamp="$ROOT $(xargs sha256sum <<<"$sources" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$VENV/.engine-stamp" 2>/dev/null)" != "$stamp" ] ||
     ! (cd / && "$VENV/bin/python" -c 'import engine._fastpath' 2>/dev/null); then
     echo "setup: installing engine from $ROOT into $VENV (builds the extension)"
