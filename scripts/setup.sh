@@ -22,11 +22,11 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-programs() {   # "program package" lines of scripts/programs.txt
+programs() {   # "program package" lines of scripts/programs.txt (not the "program - where" ones)
     local prog pkg
     while read -r prog pkg _; do
         case $prog in '' | '#'*) continue ;; esac
-        echo "$prog $pkg"
+        [ "$pkg" = - ] || echo "$prog $pkg"
     done <scripts/programs.txt
 }
 
@@ -100,5 +100,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "setup.sh: still missing after install: ${missing[*]}" >&2
     exit 1
 fi
+# The programs no Debian package provides: not installed here, only reported.
+while read -r prog pkg where; do
+    if [ "$pkg" = - ] && ! compgen -G "${where/#\~/$HOME}" >/dev/null; then
+        echo "setup: note: $prog is not at $where (see scripts/programs.txt)"
+    fi
+done < <(grep -v '^#' scripts/programs.txt)
 (cd / && "$VENV/bin/python" -c 'import engine._fastpath, pytest')
 echo "setup: ready: $("$LINK" --version) from $ROOT; tests: $VENV/bin/python -m pytest -q tests"

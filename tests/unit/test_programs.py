@@ -17,6 +17,7 @@ The scan reads Python with `ast` and shell with shfmt's parser (--to-json):
   - every command of the shell scripts in scripts/.
 """
 import ast
+import glob
 import json
 import os
 import re
@@ -44,22 +45,29 @@ SHELL_BUILTINS = {
     "test", "[", "true", "false", "shift", "trap", "wait", "eval", "declare", "readonly", "unset",
     "type", "hash", "getopts", "mapfile", "readarray", "kill", "ulimit", "umask", "pwd", "let",
     "break", "continue", ":", "alias", "shopt", "builtin", "typeset", "pushd", "popd", "dirs",
+    "compgen", "complete", "caller", "disown", "enable", "jobs", "times",
 }
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 
 
-def read_programs(path=PROGRAMS_TXT):
-    """{program: debian package} from programs.txt."""
-    out = {}
+def read_lines(path=PROGRAMS_TXT):
+    """[(program, debian package or '-', where or None)] from programs.txt."""
+    out = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
             line = line.split("#", 1)[0].strip()
             if not line:
                 continue
             fields = line.split()
-            assert len(fields) == 2, f"{path}:{n}: want 'program package', got {line!r}"
-            out[fields[0]] = fields[1]
+            assert len(fields) == 2 and fields[1] != "-" or len(fields) == 3 and fields[1] == "-", \
+                f"{path}:{n}: want 'program package' or 'program - where', got {line!r}"
+            out.append((fields + [None])[:3])
     return out
+
+
+def read_programs(path=PROGRAMS_TXT):
+    """{program: debian package} from programs.txt."""
+    return {prog: pkg for prog, pkg, _ in read_lines(path)}
 
 
 # ---- shell ------------------------------------------------------------------
@@ -319,8 +327,9 @@ def test_every_listed_program_is_run_somewhere(scanned):
 
 def test_every_listed_program_is_installed():
     # Never a skip: a missing program is a missing install step.
-    missing = {p: pkg for p, pkg in read_programs().items()
-               if not shutil.which(p, path=os.environ.get("PATH", "") + os.pathsep + SYSTEM_PATH)}
+    path = os.environ.get("PATH", "") + os.pathsep + SYSTEM_PATH
+    missing = {p: pkg for p, pkg, where in read_lines()
+               if not (glob.glob(os.path.expanduser(where)) if where else shutil.which(p, path=path))}
     assert not missing, f"not installed (sudo bash scripts/setup.sh installs them): {missing}"
 
 
