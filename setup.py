@@ -1,4 +1,5 @@
-"""Build the one Cython extension, engine._fastpath, from cext/.
+"""Build the Cython extensions from cext/: engine._fastpath (the fast path) and
+engine._dnsio (the cluster DNS's batched UDP I/O).
 
 ENGINE_DEBUG=1 builds with Cython bounds checks and C asserts on (used by the
 fuzz run); the default build is the fast one.
@@ -25,4 +26,7 @@ ext = Extension(
     extra_compile_args=cflags + ["-Wno-unused-function"],
 )
 
-setup(ext_modules=cythonize([ext], include_path=["cext"], compiler_directives=directives))
+# batched UDP I/O of the cluster DNS (recvmmsg/sendmmsg); optional at run time
+dnsio = Extension("engine._dnsio", ["cext/dnsio.pyx"], extra_compile_args=cflags + ["-Wno-unused-function"])
+
+setup(ext_modules=cythonize([ext, dnsio], include_path=["cext"], compiler_directives=directives))

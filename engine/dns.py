@@ -97,6 +97,7 @@ ANY_PREFERENCE = (A, AAAA, CNAME, PTR, SRV, TXT, SOA, NS)
 FORWARD_BUDGET = 2.0          # seconds for all upstream attempts of one query
 TCP_IDLE = 10.0               # seconds a TCP client may stay silent between queries
 UDP_RECV = 4096               # the largest query read over UDP (a longer one is cut: FORMERR)
+UDP_BATCH = 32                # datagrams per recvmmsg()/sendmmsg()
 UDP_RCVBUF = 4 << 20          # receive buffer: a burst waits in the kernel, not dropped there
 UDP_WORKERS = 32              # threads answering UDP queries
 UDP_MAX_PENDING = 2048        # queued UDP queries beyond this are dropped
@@ -1156,54 +1157,82 @@ class DNSServer:
     # -- sockets -------------------------------------------------------------
 
     def _udp_loop(self):
+        """Datagrams in batches (recvmmsg, engine._dnsio) when the extension
+        is built, else one recvfrom() at a time; answers from the table go
+        out together (sendmmsg)."""
         sock = self._udp
+        try:
+            from ._dnsio import BatchIO
+            io = BatchIO(sock.fileno(), UDP_BATCH, UDP_RECV)
+        except ImportError:
+            io = None
         while not self._closing.is_set():
             try:
-                wire, addr = sock.recvfrom(UDP_RECV)
+                if io is not None:
+                    batch = io.recv()
+                else:
+                    wire, addr = sock.recvfrom(UDP_RECV)
+                    batch = [(wire, addr)]
             except OSError:
                 if self._closing.is_set():
                     return
                 time.sleep(0.01)         # e.g. ECONNREFUSED left over from an ICMP error
                 continue
-            if not wire and self._closing.is_set():
+            if self._closing.is_set():
                 return
-            # the rate limit first: a flood costs one dict lookup per packet
-            if not self.admit(addr[0]):
-                self._count_loop(("queries", "udp", "ratelimited"))
-                self.metrics.observe_loop(qtype_of(wire), None, 0.0)
-                continue
-            try:
-                out = self.fast_answer(wire, addr[0])
-            except Exception:
-                log.exception("answer table: query from %s", addr[0])
-                out = None
-            if out is not None:
+            replies = []
+            for wire, addr in batch:
+                out = self._udp_datagram(sock, wire, addr)
                 if out:
-                    try:
-                        sock.sendto(out, addr)
-                    except OSError as e:
-                        log.debug("udp reply to %s: %s", addr, e)
+                    replies.append((out, addr))
+            if not replies:
                 continue
-            # zone answers inline (microseconds); what may wait on the upstream
-            # goes to the workers, so a dead upstream never delays the zone
-            q = None
-            if len(wire) >= 12 and not wire[2] & 0x80 and (wire[2] >> 3) & 0xF == dns.opcode.QUERY:
+            if io is not None:
+                io.send(replies)
+                continue
+            for out, addr in replies:
                 try:
-                    q = dns.message.from_wire(wire)
-                except Exception:
-                    q = None       # handle() answers FORMERR
-            if q is None or self.zone.is_local(q):
-                self._answer_udp(sock, wire, addr, q)      # in-zone: answered on this thread
-                continue
-            with self._lock:
-                if self._pending >= UDP_MAX_PENDING:
-                    self._count("dropped")
-                    continue
-                self._pending += 1
+                    sock.sendto(out, addr)
+                except OSError as e:
+                    log.debug("udp reply to %s: %s", addr, e)
+
+    def _udp_datagram(self, sock, wire, addr):
+        """One datagram of the receive loop: the answer from the table, to
+        be sent with the batch; or None, when it was dropped, answered here
+        the dnspython way or handed to a worker."""
+        # the rate limit first: a flood costs one dict lookup per packet
+        if not self.admit(addr[0]):
+            self._count_loop(("queries", "udp", "ratelimited"))
+            self.metrics.observe_loop(qtype_of(wire), None, 0.0)
+            return None
+        try:
+            out = self.fast_answer(wire, addr[0])
+        except Exception:
+            log.exception("answer table: query from %s", addr[0])
+            out = None
+        if out is not None:
+            return out
+        # zone answers inline (microseconds); what may wait on the upstream
+        # goes to the workers, so a dead upstream never delays the zone
+        q = None
+        if len(wire) >= 12 and not wire[2] & 0x80 and (wire[2] >> 3) & 0xF == dns.opcode.QUERY:
             try:
-                self._pool.submit(self._udp_one, sock, wire, addr, q)
-            except RuntimeError:          # pool shut down
-                return
+                q = dns.message.from_wire(wire)
+            except Exception:
+                q = None       # handle() answers FORMERR
+        if q is None or self.zone.is_local(q):
+            self._answer_udp(sock, wire, addr, q)      # in-zone: answered on this thread
+            return None
+        with self._lock:
+            if self._pending >= UDP_MAX_PENDING:
+                self._count("dropped")
+                return None
+            self._pending += 1
+        try:
+            self._pool.submit(self._udp_one, sock, wire, addr, q)
+        except RuntimeError:          # pool shut down
+            pass
+        return None
 
     def _answer_udp(self, sock, wire, addr, q):
         out = self.handle(wire, addr[0], tcp=False, query=q, admitted=True)

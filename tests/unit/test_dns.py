@@ -1602,3 +1602,33 @@ def test_cached_upstream_answers_from_the_answer_table(tmp_path):
     assert srv.fast_answer(w, "10.0.0.1") is None
     srv.handle(w, "10.0.0.1")
     assert srv.fast_answer(w, "10.0.0.1") is not None
+
+
+def test_batch_io_recvmmsg_sendmmsg():
+    """engine._dnsio: datagrams in and out in batches, with their addresses."""
+    from engine._dnsio import BatchIO
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind(("127.0.0.1", 0))
+    clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+    try:
+        io = BatchIO(srv.fileno(), 2, 512)
+        for i, c in enumerate(clients):
+            c.bind(("127.0.0.1", 0))
+            c.sendto(b"q%d" % i + b"x" * (600 if i == 2 else 0), srv.getsockname())
+        time.sleep(0.1)
+        got = io.recv() + io.recv()                             # a batch of 2, then the rest
+        assert [g[0][:2] for g in got] == [b"q0", b"q1", b"q2"]
+        assert len(got[2][0]) == 512                            # cut to the buffer
+        assert [g[1] for g in got] == [c.getsockname() for c in clients]
+        sent = io.send([(b"a%d" % i, c.getsockname()) for i, c in enumerate(clients)]
+                       + [(b"bad", ("not-an-ip", 53))])
+        assert sent == 3
+        for i, c in enumerate(clients):
+            c.settimeout(2)
+            assert c.recvfrom(100) == (b"a%d" % i, srv.getsockname())
+        with pytest.raises(ValueError):
+            BatchIO(srv.fileno(), 0, 512)
+    finally:
+        srv.close()
+        for c in clients:
+            c.close()
