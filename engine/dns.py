@@ -25,13 +25,22 @@ Hardening (the server binds a node address and sees clients' real sources):
     cluster zone are answered for everyone;
   - per-source rate limit, a token bucket (100 queries/s, burst 200 by
     default): excess UDP is dropped silently, excess TCP answered REFUSED,
-    both counted ("ratelimited");
+    both counted ("ratelimited"); beside it a global budget for sources
+    never seen before (a spoofed flood), see engine/dnsguard.py;
+  - response-rate limiting per (client /24, answer) with slip, as BIND's RRL;
   - bounded answers, no amplification: UDP gets 512 bytes, or the client's
-    EDNS payload size but at most 1232 (our own advertised size) until the
-    source has shown over TCP that it is not spoofed, and never more than
-    4096; more is truncated (TC) and the client comes back over TCP;
+    EDNS payload size but at most 1232 (our own advertised size), and at
+    most 3x the query, until the source returns a valid DNS cookie (RFC
+    7873); never more than 4096; more is truncated (TC) and the client
+    comes back over TCP;
+  - TCP: connections capped per source and in total, with total deadlines
+    per connection and per query;
   - ANY is answered minimally (RFC 8482): one RRset of the name inside the
     zone, a synthesized HINFO "RFC8482" outside it (never forwarded).
+
+Speed: the answer table (plain_query, fast_answer) serves what the zone
+answered once, and fresh cached upstream answers (engine/dnscache.py), from
+wire bytes; engine._dnsio moves datagrams in batches.
 """
 from __future__ import annotations
 
