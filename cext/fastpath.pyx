@@ -57,6 +57,7 @@ SCHEDULER_IDS = {"random": SCHED_RANDOM, "rr": SCHED_RR, "lc": SCHED_LC, "sh": S
                  "mh": SCHED_MH}
 
 PROTOCOLS = {"TCP": PROTO_TCP, "UDP": PROTO_UDP}     # those a service port may have
+PROTO_NAMES = {PROTO_ICMP: "icmp", PROTO_TCP: "tcp", PROTO_UDP: "udp"}    # those the fast path parses
 
 STATE_NAMES = ("FREE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT",
                "CLOSE_WAIT", "TIME_WAIT", "CLOSE", "UNREPLIED", "ASSURED")
@@ -330,15 +331,6 @@ cdef class Dataplane:
         free(self.bufs)
         if self.lock:
             PyThread_free_lock(self.lock)
-
-    @property
-    def steer_queues(self):
-        """The former name of tun_queues (kept while engine/ still uses it)."""
-        return self.tun_queues
-
-    @steer_queues.setter
-    def steer_queues(self, uint32_t q):
-        self.tun_queues = q
 
     def set_timeouts(self, dict timeouts):
         merged = dict(DEFAULT_TIMEOUTS)

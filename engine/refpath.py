@@ -32,7 +32,7 @@ import time
 
 __all__ = ["Tables", "Dataplane", "DROP_REASONS", "COUNTERS", "SERVICE_COUNTERS",
            "STATE_NAMES", "DEFAULT_TIMEOUTS", "MAGLEV_SIZE", "ENTRY_BYTES", "SCHEDULER_IDS",
-           "PROTOCOLS", "maglev_table", "mix64", "monotonic"]
+           "PROTOCOLS", "PROTO_NAMES", "maglev_table", "mix64", "monotonic"]
 
 # --- header offsets (RFC 791, 793, 768, 792) ---------------------------------
 
@@ -69,6 +69,7 @@ PROTO_ICMP = 1
 PROTO_TCP = 6
 PROTO_UDP = 17
 PROTOCOLS = {"TCP": PROTO_TCP, "UDP": PROTO_UDP}     # those a service port may have
+PROTO_NAMES = {PROTO_ICMP: "icmp", PROTO_TCP: "tcp", PROTO_UDP: "udp"}    # those the fast path parses
 
 TH_FIN = 0x01
 TH_SYN = 0x02
@@ -683,15 +684,6 @@ class Dataplane:
 
     batch_prefetch = True       # a cache hint of the C path: no effect here
     tun_queues = 1              # masquerade ports congruent to client ports modulo this
-
-    @property
-    def steer_queues(self):
-        """The former name of tun_queues (kept while engine/ still uses it)."""
-        return self.tun_queues
-
-    @steer_queues.setter
-    def steer_queues(self, q):
-        self.tun_queues = _uint(q, 32, "steer_queues")
 
     def __init__(self, masquerade_ip, max_flows=262144, batch=64, seed=0x9E3779B9,
                  port_range=(1024, 65535), timeouts=None, tables=None,

@@ -73,14 +73,16 @@ def test_vocabulary_is_model_s():
     """The schedulers and protocol numbers compiled into the fast path (its
     C enums) and the reference's are engine/model.py's, in its order."""
     want = {name: i for i, name in enumerate(model.SCHEDULERS)}
-    assert _fastpath.SCHEDULER_IDS == refpath.SCHEDULER_IDS == want
+    assert _fastpath.SCHEDULER_IDS == refpath.SCHEDULER_IDS == model.SCHEDULER_IDS == want
     assert list(_fastpath.SCHEDULER_IDS) == list(model.SCHEDULERS)
     assert _fastpath.PROTOCOLS == refpath.PROTOCOLS == model.PROTOCOLS
+    assert _fastpath.PROTO_NAMES == refpath.PROTO_NAMES == model.PROTO_NAMES
+    assert refpath.PROTO_ICMP == model.PROTO_ICMP
 
 
 def test_exported_names_match():
     for name in ("DROP_REASONS", "COUNTERS", "SERVICE_COUNTERS", "STATE_NAMES",
-                 "DEFAULT_TIMEOUTS", "MAGLEV_SIZE", "SCHEDULER_IDS", "PROTOCOLS"):
+                 "DEFAULT_TIMEOUTS", "MAGLEV_SIZE", "SCHEDULER_IDS", "PROTOCOLS", "PROTO_NAMES"):
         assert getattr(refpath, name) == getattr(_fastpath, name), name
     for cls in ("Dataplane", "Tables"):
         public = {n for n in dir(getattr(_fastpath, cls)) if not n.startswith("_")}
@@ -314,12 +316,12 @@ def test_random_traffic_in_batches(seed):
 
 @pytest.mark.parametrize("queues", [2, 3])
 def test_masquerade_ports_follow_steering(queues):
-    """With steer_queues = q, each flow's masquerade port is congruent to the
+    """With tun_queues = q, each flow's masquerade port is congruent to the
     client's port modulo q (so the steering program sends both directions
     to one queue), on both paths alike, down to the last free port."""
     dps = [dataplane(m, port_range=(40000, 40011)) for m in (_fastpath, refpath)]
     for dp in dps:
-        dp.steer_queues = queues
+        dp.tun_queues = queues
     for sport in range(1024, 1024 + 14):
         outs = [dp.process(bytes(tcp("S", dst=VIP_ONE, sport=sport)), T0) for dp in dps]     # one backend
         assert outs[0] == outs[1]
