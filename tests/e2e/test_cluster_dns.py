@@ -2,6 +2,7 @@
 resolv.conf has the cluster search path, an upstream DNS server of the test's
 own in its own namespace, and an HTTP server standing in for google.com."""
 import sys
+import time
 
 import pytest
 
@@ -165,3 +166,34 @@ def test_coredns_metrics_on_the_engine_metrics_endpoint(lab, world):
     for name in ("coredns_dns_responses_total{", "coredns_dns_request_duration_seconds_bucket{",
                  "coredns_cache_hits_total{", "coredns_cache_misses_total{", "engine_dns_requests_total{"):
         assert name in m, name
+
+
+def test_endpoint_names_follow_live_endpoint_changes(lab, world):
+    """A pod turning up behind a ClusterIP service (an endpoint change, no
+    service change) gets its endpoint name and PTR; gone, they go."""
+    eng = world
+    pod = ("kind: Pod\nmetadata: {name: late-1, labels: {app: deploy-nginx}}\n"
+           "spec: {containers: [{name: c, ports: [{containerPort: 80}]}]}\n"
+           'status: {podIP: 10.244.1.77, conditions: [{type: Ready, status: "True"}]}\n')
+    r = eng.ctl("apply", "-f", "-", input=pod)
+    assert r.returncode == 0, r.stderr
+    name = "10-244-1-77.deploy-svc.default.svc.cluster.local"
+
+    def until(pred, seconds=5.0):
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            if pred():
+                return True
+            time.sleep(0.2)
+        return False
+    try:
+        assert until(lambda: short(lab, name) == ["10.244.1.77"])
+        assert f"{name}." in short(lab, "-x", "10.244.1.77")
+        r = eng.ctl("apply", "-f", "-", input=pod.replace('status: "True"', 'status: "False"'))
+        assert r.returncode == 0, r.stderr
+        assert until(lambda: "status: NXDOMAIN" in dig(lab, name))          # not ready: no name
+        r = eng.ctl("apply", "-f", "-", input=pod)
+        assert until(lambda: short(lab, name) == ["10.244.1.77"])
+    finally:
+        eng.ctl("delete", "-f", "-", input=pod)
+    assert until(lambda: "status: NXDOMAIN" in dig(lab, name))
