@@ -811,6 +811,18 @@ def _objects(doc, file, cfg, engine_docs):
         cfg.notes.append(f"{file}: {kind} {name}: ignored (the engine routes Services, Pods, EndpointSlices and Endpoints)")
 
 
+def parse_object(doc, name):
+    """One Kubernetes object (a dict, as an API watch hands it over) as the
+    model objects it becomes: [Service], [Pod], [EndpointSlice], the slices
+    of an Endpoints object, or [] for a kind the engine does not route."""
+    cfg = Config(engine=None, services=[], pods=[], slices=[])
+    inner = []
+    _objects(doc, name, cfg, inner)
+    if inner:
+        raise ConfigError(name, "", "EngineConfiguration can only change in the configuration file")
+    return cfg.services + cfg.pods + cfg.slices
+
+
 def parse_text(text, name):
     """Objects of a YAML stream that is not the configuration file (engine
     apply/delete): a Config holding only them."""

@@ -85,6 +85,10 @@ class Engine:
         self.last_sync_kind = None      # "full" | "partial"
         self.syncs = 0
         self._stop = threading.Event()
+        self._sync_thread = None
+        self._sync_wake = threading.Event()
+        self.synced_event = threading.Event()  # set after each sync of the sync thread (tests wait on it)
+        self.api_refused = 0
         self._workers = []
         self.queues = max(1, min(2, os.cpu_count() or 1))   # one nogil worker per core
 
@@ -150,6 +154,7 @@ class Engine:
     def stop(self):
         self._stop.set()
         self._dns_wake.set()
+        self._sync_wake.set()
         for th in self._workers:
             th.join(timeout=2)
         if self._workers:
@@ -462,6 +467,49 @@ class Engine:
         the next sync()."""
         with self.lock:
             self.sources.set(source, (kind,) + tuple(key), new)
+
+    def on_api_event(self, kind, key, old, new):
+        """An API watch's event, as engine.kube's reflectors call it: kind,
+        key "namespace/name", the objects as dicts (None: absent). The
+        object is validated and handed to the tracker; a sync follows on the
+        sync thread, which takes every event pending by then in one sync. A
+        bad object is refused with a warning (and counted), the rest goes on."""
+        if kind not in ("Service", "EndpointSlice", "Endpoints", "Pod"):
+            return False
+        ns, _, name = key.rpartition("/")
+        try:
+            objs = config_mod.parse_object(new, f"api:{kind}/{key}") if new is not None else None
+        except ConfigError as e:
+            self.api_refused += 1
+            log.warning("refused from the API: %s", e)
+            return False
+        self.update(kind, (ns or "default", name), objs or None)
+        self.request_sync()
+        return True
+
+    def request_sync(self):
+        """Sync soon, on the sync thread (started on first use): changes
+        arriving meanwhile are taken together."""
+        with self.lock:
+            if self._sync_thread is None:
+                self._sync_thread = threading.Thread(target=self._sync_loop, name="sync", daemon=True)
+                self._sync_thread.start()
+        self._sync_wake.set()
+
+    def _sync_loop(self):
+        while not self._stop.is_set():
+            self._sync_wake.wait()
+            self._sync_wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.sync()
+            except ConfigError as e:
+                log.error("sync refused, running table unchanged: %s", e)
+            except Exception:
+                log.exception("sync failed")
+            finally:
+                self.synced_event.set()
 
     def _file_stamps(self):
         """What the watcher compares: each file's (mtime, size), and the

@@ -5,6 +5,7 @@ import itertools
 import random
 import subprocess
 import sys
+import time
 
 import pytest
 from scapy.all import IP, TCP, UDP, raw
@@ -354,3 +355,35 @@ def test_a_bad_or_duplicate_file_is_refused(file_engine):
     dup.unlink()
     eng.reload(paths=[str(bad), str(dup)])
     assert backends_seen(eng, "10.96.1.4", 81) == {"10.244.3.2"}
+
+
+def test_api_watch_events_feed_the_tracker(engine):
+    """engine.kube's reflector callback (kind, "ns/name", old dict, new dict)
+    goes straight in; a burst is taken by the sync thread together."""
+    import yaml
+    no_full_sync(engine)
+    svc = yaml.safe_load(service("api-svc", "10.96.5.1", "a4"))
+    sl = {"kind": "EndpointSlice", "metadata": {"name": "api-svc-x", "namespace": "default",
+                                                "labels": {"kubernetes.io/service-name": "api-svc"}},
+          "ports": [{"name": "http", "port": 9000, "protocol": "TCP"}],
+          "endpoints": [{"addresses": ["10.244.77.2"]}]}
+    svc["spec"].pop("selector")
+    engine.synced_event.clear()
+    assert engine.on_api_event("Service", "default/api-svc", None, svc)
+    assert engine.on_api_event("EndpointSlice", "default/api-svc-x", None, sl)
+    assert not engine.on_api_event("Node", "node-1", None, {"kind": "Node"})      # not the tracker's
+    deadline = time.monotonic() + 10
+    while "default/api-svc" not in (engine.smap.services if engine.smap else {}) or \
+            not engine.smap.services["default/api-svc"].ports[0].endpoints:
+        assert time.monotonic() < deadline
+        engine.synced_event.wait(1)
+        engine.synced_event.clear()
+    assert backends_seen(engine, "10.96.5.1") == {"10.244.77.2"}
+    bad = dict(svc, spec={"ports": [{"port": 0}]})
+    assert not engine.on_api_event("Service", "default/api-bad", None, bad)
+    assert engine.api_refused == 1
+    assert engine.on_api_event("Service", "default/api-svc", svc, None)
+    deadline = time.monotonic() + 10
+    while "default/api-svc" in engine.smap.services:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
