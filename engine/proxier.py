@@ -271,10 +271,10 @@ class Engine:
         """After the swap: host routes, the DNS zone, stale UDP flows."""
         changed = None if keys is None else keys | removed
         self._route(self.cfg.engine, smap, changed)
-        if self.dns is not None and (changed is None or removed or any(
-                old.services.get(k) is None or old.services[k].svc != smap.services[k].svc
-                or smap.services[k].cluster_ip == "None" for k in keys)):
-            self._dns_smap = smap               # the zone is rebuilt off the sync path
+        # every service's endpoints have names and PTRs, and pods matter to
+        # `pods verified` and to which namespaces exist: any change of them too
+        if self.dns is not None and (changed is None or removed or keys or old.pods is not smap.pods):
+            self._dns_smap = smap               # the zone is rebuilt off the sync path (coalesced)
             self._dns_wake.set()
         self._cleanup_stale_udp(old, smap, changed)
 
