@@ -91,34 +91,42 @@ cdef int process_one(Dataplane dp, Tables t, pkt_t *v, uint32_t now, Py_ssize_t 
     """One parsed packet. Returns verdict | reason << 8; on V_FORWARD and
     V_REPLY, *outlen is set. partial: the L4 checksum is CHECKSUM_PARTIAL."""
     cdef int64_t ref
+    cdef uint16_t reopened = 0
     dp.cnt[C_RX_PACKETS] += 1
     dp.cnt[C_RX_BYTES] += v.n
     if v.reason != R_NONE:
         return drop(dp, v.reason)
     if v.proto == PROTO_ICMP:
         return icmp_in(dp, t, v, now, outlen)
-    ref = flow_lookup(dp, v, now)
+    ref = flow_lookup(dp, v, now, &reopened)
     if ref >= 0:
         return flow_forward(dp, v, ref, now, outlen, partial)
-    return flow_open(dp, t, v, now, outlen, partial)
+    return flow_open(dp, t, v, now, outlen, partial, reopened)
 
 
-cdef inline int64_t flow_lookup(Dataplane dp, const pkt_t *v, uint32_t now) noexcept nogil:
+cdef inline int64_t flow_lookup(Dataplane dp, const pkt_t *v, uint32_t now,
+                                 uint16_t *reopened) noexcept nogil:
     """The tracked flow of a TCP/UDP packet, either direction (entry id * 2 +
     direction), else -1. An expired flow is removed on the way, and so is a
-    closing TCP connection whose client port a new SYN reuses."""
+    closing TCP connection whose client port a new SYN reuses; when the
+    packet's own client tuple is removed so, *reopened gets that flow's
+    masquerade port (the new flow keeps it: the backend may still hold the
+    old connection's TIME_WAIT, and accepts its successor there)."""
     cdef int64_t ref = ct_find_h(&dp.ct, &v.key, v.hash)
     cdef ct_entry_t *e
     if ref < 0:
         return ref
     e = &dp.ct.entries[ref >> 1]
     if e.expires <= now:
+        if (ref & 1) == DIR_ORIG:
+            reopened[0] = ntohs(e.key[DIR_REPLY].dport)
         ct_remove(&dp.ct, <uint32_t>(ref >> 1))
         dp.cnt[C_FLOWS_EXPIRED] += 1
         return -1
     if (v.proto == PROTO_TCP and (ref & 1) == DIR_ORIG
             and (v.th & (TH_SYN | TH_ACK | TH_RST)) == TH_SYN
             and (e.state == CT_TIME_WAIT or e.state == CT_CLOSE)):
+        reopened[0] = ntohs(e.key[DIR_REPLY].dport)
         ct_remove(&dp.ct, <uint32_t>(ref >> 1))     # port reuse: a new connection
         return -1
     return ref
@@ -155,9 +163,10 @@ cdef inline svcport_t *svcport_match(Tables t, const flow_key_t *k) noexcept nog
 
 
 cdef inline int flow_open(Dataplane dp, Tables t, pkt_t *v, uint32_t now, Py_ssize_t *outlen,
-                          bint partial) noexcept nogil:
+                          bint partial, uint16_t reopened) noexcept nogil:
     """A packet of no tracked flow: a new flow to a backend of its service
-    port, or refused, or dropped."""
+    port, or refused, or dropped. reopened: the masquerade port of the flow
+    of the same client tuple just closed, else 0."""
     cdef flow_key_t rk
     cdef backend_t *b
     cdef int64_t id
@@ -184,7 +193,7 @@ cdef inline int flow_open(Dataplane dp, Tables t, pkt_t *v, uint32_t now, Py_ssi
     rk.proto = v.proto
     rk.family = 4
     rk.pad = 0
-    if not snat_port(dp, &rk, v.key.sport):
+    if not snat_port(dp, &rk, v.key.sport, reopened, now):
         return drop(dp, R_NAT_EXHAUSTED)
     id = ct_alloc(&dp.ct, now, &dp.cnt[C_FLOWS_EVICTED])
     if id < 0:
@@ -284,7 +293,8 @@ cdef class Dataplane:
 
     def __init__(self, masquerade_ip, max_flows=262144, batch=64, seed=0x9E3779B9,
                  port_range=(1024, 65535), timeouts=None, Tables tables=None,
-                 max_services=65536, max_backends=1 << 20, affinity_size=65536, icmp_rate=1000):
+                 max_services=65536, max_backends=1 << 20, affinity_size=65536, icmp_rate=1000,
+                 icmp_source_rate=100):
         cdef uint64_t asize = 16
         if max_flows < 1:
             raise ValueError("max_flows must be positive")
@@ -297,6 +307,8 @@ cdef class Dataplane:
         self.icmp_rate = icmp_rate
         self.icmp_tokens = icmp_rate
         self.icmp_second = 0xffffffffU
+        self.icmp_source_rate = icmp_source_rate
+        memset(self.icmp_sources, 0xff, sizeof(self.icmp_sources))    # second ~0: no budget yet
         # per service-port counters and active counts are touched once per new
         # flow at random: on huge pages where given, like the flow table
         self.svcport_stats = <uint64_t *>big_alloc(<size_t>max_services * NSVCPORT_STATS * sizeof(uint64_t))

@@ -41,6 +41,11 @@ cdef inline Py_ssize_t build_port_unreachable(uint8_t *p, Py_ssize_t tot) noexce
     return n
 
 
+cdef inline uint32_t icmp_source_slot(uint32_t raw_src) noexcept nogil:
+    """The budget slot of a source address (raw): a multiplicative hash."""
+    return ((raw_src * 2654435761U) & 0xffffffffU) >> (32 - 10)      # 10 bits: ICMP_SOURCE_SLOTS
+
+
 cdef inline int reject(Dataplane dp, pkt_t *v, uint32_t now, Py_ssize_t *outlen) noexcept nogil:
     """Refuses the packet with a port unreachable, as the kernel would."""
     cdef uint8_t *p = v.p
@@ -48,12 +53,22 @@ cdef inline int reject(Dataplane dp, pkt_t *v, uint32_t now, Py_ssize_t *outlen)
     if p[IP_SRC] == 0 or p[IP_SRC] == 127 or p[IP_SRC] >= 224:
         return drop(dp, R_MARTIAN)
     # at most icmp_rate errors a second: refused clients still see
-    # "connection refused" at once, but the engine is no reflector
+    # "connection refused" at once, but the engine is no reflector; and at
+    # most icmp_source_rate to one source (as the kernel's icmp_ratelimit
+    # works per destination host), so one flooding source cannot spend the
+    # whole budget and leave the others to time out
+    cdef uint32_t src = ld32(p + IP_SRC)
+    cdef icmp_budget_t *b = &dp.icmp_sources[icmp_source_slot(src)]
+    if b.addr != src or b.second != now:
+        b.addr = src
+        b.second = now
+        b.tokens = dp.icmp_source_rate
     if now != dp.icmp_second:
         dp.icmp_second = now
         dp.icmp_tokens = dp.icmp_rate
-    if dp.icmp_tokens == 0:
+    if b.tokens == 0 or dp.icmp_tokens == 0:
         return drop(dp, R_ICMP_RATE)
+    b.tokens -= 1
     dp.icmp_tokens -= 1
     dp.cnt[C_REJECTS] += 1
     outlen[0] = build_port_unreachable(p, v.tot)

@@ -79,6 +79,8 @@ TH_ACK = 0x10
 SLOT_SIZE = 65536           # one IPv4 datagram at most
 ICMP_QUOTE_MAX = 548        # RFC 1812: error messages stay within 576 bytes
 PORT_TRIES = 512            # bounded search for a free SNAT port
+RECLAIM_AFTER = 8           # search tries after which a half-open flow's port is taken
+ICMP_SOURCE_SLOTS = 1024    # per-source port-unreachable budgets (direct-mapped)
 EVICT_SCAN = 256            # entries an eviction looks at, at most
 
 # --- verdicts, drop reasons, counters, states ----------------------------------
@@ -687,7 +689,8 @@ class Dataplane:
 
     def __init__(self, masquerade_ip, max_flows=262144, batch=64, seed=0x9E3779B9,
                  port_range=(1024, 65535), timeouts=None, tables=None,
-                 max_services=65536, max_backends=1 << 20, affinity_size=65536, icmp_rate=1000):
+                 max_services=65536, max_backends=1 << 20, affinity_size=65536, icmp_rate=1000,
+                 icmp_source_rate=100):
         if max_flows < 1:
             raise ValueError("max_flows must be positive")
         if not (1 <= port_range[0] <= port_range[1] <= 65535):
@@ -699,6 +702,8 @@ class Dataplane:
         self.max_services = _uint(max_services, 32, "max_services")
         self.icmp_rate = self.icmp_tokens = _uint(icmp_rate, 32, "icmp_rate")
         self.icmp_second = U32
+        self.icmp_source_rate = _uint(icmp_source_rate, 32, "icmp_source_rate")
+        self.icmp_sources = {}      # slot -> [addr (raw), second, tokens]; absent: none yet
         self.svcport_stats = {}             # stable service-port id -> [5 counters]
         # sessionAffinity: ClientIP. Slot index -> [svc id + 1 (0: empty),
         # client (raw), backend addr, backend port, expires]; absent: empty.
@@ -755,12 +760,19 @@ class Dataplane:
         # no ICMP error to 0/8, loopback, multicast or broadcast sources
         if p[IP_SRC] == 0 or p[IP_SRC] == 127 or p[IP_SRC] >= 224:
             return self._drop("martian")
-        # at most icmp_rate errors a second (tokens refilled each new second)
+        # at most icmp_rate errors a second (tokens refilled each new second),
+        # and at most icmp_source_rate to one source
+        src = raw32(struct.unpack_from("!I", p, IP_SRC)[0])
+        slot = ((src * 2654435761) & U32) >> 22
+        b = self.icmp_sources.get(slot)
+        if b is None or b[0] != src or b[1] != now:
+            b = self.icmp_sources[slot] = [src, now, self.icmp_source_rate]
         if now != self.icmp_second:
             self.icmp_second = now
             self.icmp_tokens = self.icmp_rate
-        if self.icmp_tokens == 0:
+        if b[2] == 0 or self.icmp_tokens == 0:
             return self._drop("icmp_rate")
+        b[2] -= 1
         self.icmp_tokens -= 1
         self.cnt["rejects"] += 1
         return ("reply", "none", build_port_unreachable(p, tot))
@@ -790,31 +802,35 @@ class Dataplane:
             return self._drop(v.reason)
         if v.proto == PROTO_ICMP:
             return self._icmp_in(t, v, now)
-        ref = self._flow_lookup(v, now)
+        ref, reopened = self._flow_lookup(v, now)
         if ref is not None:
             return self._flow_forward(v, ref, now, partial)
-        return self._flow_open(t, v, now, partial)
+        return self._flow_open(t, v, now, partial, reopened)
 
     def _flow_lookup(self, v, now):
-        """The tracked flow of a TCP/UDP packet, either direction ((entry id,
-        direction)), else None. An expired flow is removed on the way, and so
-        is a closing TCP connection whose client port a new SYN reuses."""
+        """(The tracked flow of a TCP/UDP packet, either direction ((entry id,
+        direction)), else None; reopened). An expired flow is removed on the
+        way, and so is a closing TCP connection whose client port a new SYN
+        reuses; reopened is then that flow's masquerade port, if the packet
+        is its client's (the new flow keeps it), else 0."""
         ct = self.ct
         ref = ct.find(v.key)
         if ref is None:
-            return None
+            return None, 0
         fid, direction = ref
         e = ct.entries[fid]
+        # the masquerade port of this client tuple's flow, when it is removed here
+        reopened = e.key[DIR_REPLY][3] if direction == DIR_ORIG else 0
         if e.expires <= now:
             ct.remove(fid)
             self.cnt["flows_expired"] += 1
-            return None
+            return None, reopened
         if (v.proto == PROTO_TCP and direction == DIR_ORIG
                 and v.th & (TH_SYN | TH_ACK | TH_RST) == TH_SYN
                 and e.state in (CT_TIME_WAIT, CT_CLOSE)):
             ct.remove(fid)                      # port reuse: a new connection
-            return None
-        return ref
+            return None, reopened
+        return ref, 0
 
     def _flow_forward(self, v, ref, now, partial):
         """A packet of tracked flow ref: rewritten to the flow's other tuple,
@@ -845,7 +861,7 @@ class Dataplane:
             sv = t.lookup(0, dport, proto)
         return sv
 
-    def _flow_open(self, t, v, now, partial):
+    def _flow_open(self, t, v, now, partial, reopened=0):
         """A packet of no tracked flow: a new flow to a backend of its service
         port, or refused, or dropped."""
         saddr, daddr, sport, _, proto = v.key
@@ -863,7 +879,7 @@ class Dataplane:
         if proto == PROTO_TCP and v.th & (TH_SYN | TH_ACK | TH_RST | TH_FIN) != TH_SYN:
             return self._drop("not_syn")
         baddr, bport, bid = self._schedule(sv, raw32(saddr), raw16(sport), now)
-        port = self._snat_port(baddr, bport, proto, sport)
+        port = self._snat_port(baddr, bport, proto, sport, reopened, now)
         if port is None:
             return self._drop("nat_exhausted")
         ct = self.ct
@@ -885,21 +901,49 @@ class Dataplane:
         nat_rewrite(v.p, v.l4, proto, self.masq, port, baddr, bport, partial)
         return ("forward", "none", bytes(v.p[:v.tot]))
 
-    def _snat_port(self, baddr, bport, proto, client_port):
-        """A masquerade port no flow from (baddr, bport) uses, starting at
-        random, within PORT_TRIES; with tun_queues = q > 1 only ports
-        congruent to the client's modulo q qualify. None: none free."""
+    def _snat_try(self, rk, now, victim):
+        """Whether rk's masquerade port is free; an expired holder is removed,
+        the first half-open one seen is remembered in victim ([id, port])."""
+        ref = self.ct.find(rk)
+        if ref is None:
+            return True
+        e = self.ct.entries[ref[0]]
+        if e.expires <= now:
+            self.ct.remove(ref[0])
+            self.cnt["flows_expired"] += 1
+            return True
+        if not victim and e.state in UNESTABLISHED:
+            victim += [ref[0], rk[3]]
+        return False
+
+    def _snat_port(self, baddr, bport, proto, cport, hint, now):
+        """The masquerade port of a new flow from backend baddr:bport, or
+        None: the reopened flow's port (hint), else the client's, else a
+        search from a random start; past RECLAIM_AFTER taken tries a
+        half-open holder's port is reclaimed (see snat_port, cext/nat.pxi)."""
         q = self.tun_queues or 1
-        first = self.port_lo + (client_port % q + q - self.port_lo % q) % q
-        count = (self.port_lo + self.port_range - 1 - first) // q + 1 if first < self.port_lo + self.port_range else 0
-        if count == 0:
+        lo, hi = self.port_lo, self.port_lo + self.port_range - 1
+        victim = []
+        key = lambda port: (baddr, self.masq, bport, port, proto)  # noqa: E731
+        if lo <= hint <= hi and hint % q == cport % q and self._snat_try(key(hint), now, victim):
+            return hint
+        if lo <= cport <= hi and cport != hint and self._snat_try(key(cport), now, victim):
+            return cport
+        first = lo + (cport % q + q - lo % q) % q
+        count = (hi - first) // q + 1 if first <= hi else 0
+        if count:
+            start = self._rand() % count
+            for i in range(min(PORT_TRIES, count)):
+                port = first + (start + i) % count * q
+                if self._snat_try(key(port), now, victim):
+                    return port
+                if victim and i + 1 >= RECLAIM_AFTER:
+                    break
+        if not victim:
             return None
-        start = self._rand() % count
-        for i in range(min(PORT_TRIES, count)):
-            port = first + (start + i) % count * q
-            if self.ct.find((baddr, self.masq, bport, port, proto)) is None:
-                return port
-        return None
+        self.ct.remove(victim[0])
+        self.cnt["flows_evicted"] += 1
+        return victim[1]
 
     def _schedule(self, sv, client, csport, now):
         """The backend (addr, port, id) for a new flow of sv (which has one).

@@ -115,6 +115,12 @@ ctypedef struct cidr_t:
 # sessionAffinity: ClientIP, the last backend of (service port, client), as
 # iptables' `recent` list or IPVS persistence keeps it. Open addressing with
 # a bounded probe; when all probed slots are live the oldest is replaced.
+# A source's port-unreachable budget for the current second (icmp.pxi)
+ctypedef struct icmp_budget_t:
+    uint32_t addr               # raw; the slot is this source's while addr matches
+    uint32_t second
+    uint32_t tokens
+
 ctypedef struct aff_t:
     uint32_t svcport            # stable service-port id + 1; 0 = empty
     uint32_t client             # raw
@@ -207,6 +213,8 @@ cdef enum:
     IO_SLOT = 65536 + 16        # ... plus a virtio-net header
     ICMP_QUOTE_MAX = 548        # RFC 1812: error messages stay within 576 bytes
     PORT_TRIES = 512            # bounded search for a free SNAT port
+    RECLAIM_AFTER = 8           # search tries after which a half-open flow's port is taken
+    ICMP_SOURCE_SLOTS = 1024    # per-source port-unreachable budgets (direct-mapped)
 
 
 @cython.final
@@ -251,6 +259,8 @@ cdef class Dataplane:
     cdef uint64_t cnt[C_NCOUNTERS]
     cdef PyThread_type_lock lock    # conntrack: batch vs. control-plane calls
     cdef uint32_t icmp_rate, icmp_tokens, icmp_second
+    cdef uint32_t icmp_source_rate  # ... and at most this many to one source a second
+    cdef icmp_budget_t icmp_sources[ICMP_SOURCE_SLOTS]
     cdef uint64_t *svcport_stats    # NSVCPORT_STATS per stable service-port id
     cdef uint32_t max_svcports
     cdef aff_t *aff

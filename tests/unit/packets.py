@@ -700,12 +700,41 @@ FIXTURES = [
              after=counters_are(table_full=1, flows_evicted=0, flows=2)),
         Step(tcp("A", sport=40002, seq=1001), state="ESTABLISHED"),
     ], dataplane={"max_flows": 2}),
-    Fixture("nat_exhausted", "4 SNAT ports, one backend: the 5th flow finds no free reply tuple", [
-        *[Step(tcp("S", dst=VIP_ONE, sport=50000 + i), check=fields(src=MASQ, sport=range(40000, 40004)))
-          for i in range(4)],
+    Fixture("nat_exhausted", "4 SNAT ports held by established flows: the 5th flow finds no free reply tuple", [
+        *[st for i in range(4) for st in handshake(sport=50000 + i, dst=VIP_ONE, name=f"syn{i}")],
         drop(tcp("S", dst=VIP_ONE, sport=50004), "nat_exhausted", after=_unique_reply_tuples),
         Step(udp(dst=VIP_ONE, sport=50004), check=fields(sport=range(40000, 40004))),  # UDP: own space
     ], dataplane={"port_range": (40000, 40003)}),
+    Fixture("nat_reclaims_half_open", "4 SNAT ports held by half-open flows (a SYN flood): "
+            "a new flow evicts one and takes its port", [
+        *[Step(tcp("S", dst=VIP_ONE, sport=50000 + i), check=fields(src=MASQ, sport=range(40000, 40004)))
+          for i in range(4)],
+        Step(tcp("S", dst=VIP_ONE, sport=50004), save="syn", check=fields(sport=range(40000, 40004)),
+             after=counters_are(flows_evicted=1, nat_exhausted=0, flows=4)),
+        Step(reply_to("syn", "SA"), check=fields(src=VIP_ONE, dport=50004), state="SYN_RECV"),
+    ], dataplane={"port_range": (40000, 40003)}),
+    Fixture("nat_reclaims_expired", "a port held by an expired flow is reclaimed at allocation time", [
+        *[st for i in range(4) for st in handshake(sport=50000 + i, dst=VIP_ONE, name=f"syn{i}")],
+        Step(tcp("S", dst=VIP_ONE, sport=50004), now=T0 + 86401, check=fields(sport=range(40000, 40004)),
+             after=counters_are(flows_expired=1, flows_evicted=0, flows=4)),
+    ], dataplane={"port_range": (40000, 40003)}),
+    Fixture("snat_keeps_client_port", "the masquerade port is the client's when that reply tuple is "
+            "free (as the kernel's plain masquerade); else another", [
+        Step(tcp("S", dst=VIP_ONE, sport=40001), check=fields(src=MASQ, sport=40001)),
+        Step(tcp("S", src="10.1.0.9", dst=VIP_ONE, sport=40001),
+             check=fields(src=MASQ, sport=lambda ctx: set(DEFAULT_PORTS) - {40001})),
+        Step(udp(dst=VIP_ONE, sport=40001), check=fields(src=MASQ, sport=40001)),
+    ]),
+    Fixture("snat_keeps_reopened_port", "a client that reopens its tuple keeps the old flow's masquerade "
+            "port (the backend accepts a successor on its TIME_WAIT tuple)", [
+        Step(tcp("S", src="10.1.0.9", dst=VIP_ONE, sport=45000), save="other"),        # holds 45000
+        Step(tcp("S", dst=VIP_ONE, sport=45000), save="syn"),                            # another port
+        Step(reply_to("syn", "SA")),
+        Step(tcp("A", dst=VIP_ONE, sport=45000, seq=1001), state="ESTABLISHED"),
+        Step(tcp("R", dst=VIP_ONE, sport=45000, seq=1001), state="CLOSE"),
+        Step(tcp("S", dst=VIP_ONE, sport=45000, seq=9000), state="SYN_SENT",
+             check=fields(sport=same("syn", "sport"))),
+    ]),
 
     # --- control plane views ---------------------------------------------------------------
     Fixture("delete_flows", "delete_flows removes only flows from the given backend (and port)", [

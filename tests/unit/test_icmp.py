@@ -169,3 +169,27 @@ def test_port_unreachables_are_rate_limited(modname):
     assert verdicts == [("reply", "none")] * 5 + [("drop", "icmp_rate")] * 3
     assert dp.process(raw(IP(src=CLIENT, dst=VIP) / TCP(sport=50009, dport=80, flags="S")), 8)[0] == "reply"
     assert dp.counters()["drops_by_reason"]["icmp_rate"] == 3
+
+
+@pytest.mark.parametrize("modname", ["_fastpath", "refpath"])
+def test_port_unreachables_have_a_budget_per_source(modname):
+    """One source flooding refused ports spends only its own budget
+    (icmp_source_rate a second): other clients still get "connection refused"
+    at once. The global cap still holds over all sources."""
+    import importlib
+    mod = importlib.import_module(f"engine.{modname}")
+    t = mod.Tables([dict(name="e", vip=ip(VIP), port=80, proto=6, backends=[])], vips=[ip(VIP)])
+    dp = mod.Dataplane(ip(MASQ), tables=t, icmp_rate=20, icmp_source_rate=4)
+
+    def syn(src, k, now=7):
+        return dp.process(raw(IP(src=src, dst=VIP) / TCP(sport=50000 + k, dport=80, flags="S")), now)[:2]
+
+    flood = [syn("192.168.50.66", k) for k in range(10)]
+    assert flood == [("reply", "none")] * 4 + [("drop", "icmp_rate")] * 6
+    others = [syn(f"192.168.50.{10 + k}", k) for k in range(4)]      # the flooder left them budget
+    assert others == [("reply", "none")] * 4
+    assert syn("192.168.50.66", 99, now=8) == ("reply", "none")      # a new second, a new budget
+    # the global cap: 20 a second whatever the sources
+    spread = [syn(f"192.168.51.{k}", k, now=9) for k in range(25)]
+    assert spread == [("reply", "none")] * 20 + [("drop", "icmp_rate")] * 5
+    assert dp.counters()["drops_by_reason"]["icmp_rate"] == 11
