@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
-"""Three paths to the same backends, side by side in one run, on the
-namespace lab of engine.lab (client, node, 3 pods running nginx and iperf3):
+"""Paths to the same backends, side by side in one run, on the namespace lab
+of engine.lab (client, node, 3 pods running nginx and iperf3, all with the
+kernel's default sysctls: the servers keep TIME_WAIT as in a user's cluster):
 
-  kernel   nftables in the node namespace, programmed as kube-proxy's nftables
-           mode does it: a VIP:port verdict map, `numgen random mod N` over
-           endpoint chains that mark for masquerade and DNAT, masquerade in
-           postrouting (VIP 10.97.200.1, outside the engine's serviceCIDR);
+  kernel     nftables in the node namespace, programmed as kube-proxy's
+             nftables mode does it: a VIP:port verdict map, `numgen random
+             mod N` over endpoint chains that mark for masquerade and DNAT,
+             and in postrouting plain `masquerade` (keeps the client's source
+             port when that tuple is free) (VIP 10.97.200.1, outside the
+             engine's serviceCIDR);
+  kubeproxy  the same rules with kube-proxy's real SNAT, `masquerade
+             fully-random` (a random source port for every connection);
   haproxy  haproxy in TCP mode on the node (192.168.50.1:8080 -> pods:80
            roundrobin, :5201 -> iperf3), nbthread 2;
   engine   `engine run` (ClusterIP 10.96.100.100:80 -> pods:80, and
@@ -54,8 +59,8 @@ ENGINE_VIP = "10.96.100.100"        # HTTP
 ENGINE_IPERF_VIP = "10.96.100.101"  # iperf3, TCP and UDP
 KERNEL_VIP = "10.97.200.1"          # outside the engine's serviceCIDR (10.96.0.0/16)
 HAPROXY_HTTP_PORT = 8080
-MODES = ("kernel", "haproxy", "engine", "direct")
-LB_MODES = ("kernel", "haproxy", "engine")
+MODES = ("kernel", "kubeproxy", "haproxy", "engine", "direct")
+LB_MODES = ("kernel", "kubeproxy", "haproxy", "engine")
 
 ENGINE_CONFIG = f"""apiVersion: engine/v1alpha1
 kind: EngineConfiguration
@@ -152,7 +157,7 @@ NFT_RULES = """table ip kbench {{
     chain masquerading {{
         meta mark & 0x4000 == 0 return
         meta mark set meta mark ^ 0x4000
-        masquerade fully-random
+        {masquerade}
     }}
     chain services {{
         ip daddr . meta l4proto . th dport vmap @service-ips
@@ -290,11 +295,8 @@ class Bench:
     # -- servers in the pods
     def start_servers(self):
         for pod in self.lab.pods:
-            # No TIME_WAIT sockets on the servers: nginx closes first, so one
-            # path's wrk leaves tens of thousands of them, and a NATed SYN that
-            # lands on one (source ports are reused; its timestamp is older) is
-            # dropped and retried after 1 s, stalling the next path's test.
-            self.lab._sysctl(pod.ns, "net.ipv4.tcp_max_tw_buckets", "0")
+            # default sysctls: nginx closes first and keeps a TIME_WAIT socket
+            # per connection, which a path's SNAT must not land a new SYN on
             d = os.path.join(self.tmp, pod.name)
             os.makedirs(d, exist_ok=True)
             conf = os.path.join(d, "nginx.conf")
@@ -319,7 +321,7 @@ class Bench:
     # -- paths
     def targets(self, mode):
         """(http ip, http port, iperf ip, iperf port, udp?) of a path."""
-        if mode == "kernel":
+        if mode in ("kernel", "kubeproxy"):
             return KERNEL_VIP, 80, KERNEL_VIP, IPERF_PORT, True
         if mode == "haproxy":
             return self.lab.node_ip, HAPROXY_HTTP_PORT, self.lab.node_ip, IPERF_PORT, False
@@ -329,13 +331,14 @@ class Bench:
 
     def setup(self, mode):
         lab = self.lab
-        if mode == "kernel":
+        if mode in ("kernel", "kubeproxy"):
             n = len(lab.pods)
             web_vmap = ", ".join(f"{i} : goto ep-web-{i}" for i in range(n))
             web_eps = "\n".join(f"    chain ep-web-{i} {{\n        meta l4proto tcp dnat to {p.ip}:80\n    }}"
                                 for i, p in enumerate(lab.pods))
             rules = NFT_RULES.format(vip=KERNEL_VIP, iport=IPERF_PORT, n=n, web_vmap=web_vmap,
-                                     web_eps=web_eps, pod1=self.pod1)
+                                     web_eps=web_eps, pod1=self.pod1,
+                                     masquerade="masquerade" if mode == "kernel" else "masquerade fully-random")
             path = os.path.join(self.tmp, "kbench.nft")
             with open(path, "w") as f:
                 f.write(rules)
@@ -362,7 +365,7 @@ class Bench:
 
     def teardown(self, mode):
         lab = self.lab
-        if mode == "kernel":
+        if mode in ("kernel", "kubeproxy"):
             lab.run(lab.node_ns, ["nft", "delete", "table", "ip", "kbench"])
         elif mode == "haproxy" and self.haproxy is not None:
             try:
@@ -517,8 +520,9 @@ def report(results, runs, quick, secs):
         v = {m: collect(results, m, key, field) for m in MODES}
         figures[label] = v
         diag = label.startswith("  ")      # a diagnostic row: no ratios
-        rows.append([label, v["kernel"], v["haproxy"], v["engine"], v["direct"],
+        rows.append([label, v["kernel"], v["kubeproxy"], v["haproxy"], v["engine"], v["direct"],
                      "" if diag else fmt_ratio(ratio(v["engine"], v["kernel"])),
+                     "" if diag else fmt_ratio(ratio(v["engine"], v["kubeproxy"])),
                      "" if diag else fmt_ratio(ratio(v["engine"], v["haproxy"]))])
     for label, key, field in (("added latency keep-alive p50 (us)", "lat_keepalive", "added_p50"),
                               ("added latency keep-alive p99 (us)", "lat_keepalive", "added_p99"),
@@ -527,15 +531,17 @@ def report(results, runs, quick, secs):
         # path - direct, the two sampled alternately by one client, median over runs
         v = {m: collect(results, m, key, field) for m in MODES}
         figures[label] = v
-        dk = None if v["engine"] is None or v["kernel"] is None else v["engine"] - v["kernel"]
-        dh = None if v["engine"] is None or v["haproxy"] is None else v["engine"] - v["haproxy"]
-        rows.append([label, v["kernel"], v["haproxy"], v["engine"], v["direct"],
-                     "-" if dk is None else f"{dk:+.0f} us", "-" if dh is None else f"{dh:+.0f} us"])
+        diffs = [None if v["engine"] is None or v[m] is None else v["engine"] - v[m]
+                 for m in ("kernel", "kubeproxy", "haproxy")]
+        rows.append([label, v["kernel"], v["kubeproxy"], v["haproxy"], v["engine"], v["direct"],
+                     *("-" if d is None else f"{d:+.0f} us" for d in diffs)])
     title = (f"Paths to the same backends: medians of {runs} run(s), {secs} s per throughput test"
              + (" (--quick)" if quick else ""))
-    text = table(title, ["workload", "kernel nft", "haproxy", "engine", "direct", "engine/kernel",
-                         "engine/haproxy"], rows)
-    notes = ["  ratios: engine/path; above 1.00x the engine is ahead for rates, behind for latency and CPU/GB.",
+    text = table(title, ["workload", "kernel nft", "kube-proxy nft", "haproxy", "engine", "direct",
+                         "engine/kernel", "engine/kube-proxy", "engine/haproxy"], rows)
+    notes = ["  kernel nft: plain `masquerade` (keeps the client's port); kube-proxy nft: the same rules with",
+             "  kube-proxy's `masquerade fully-random`. Servers keep TIME_WAIT (default sysctls).",
+             "  ratios: engine/path; above 1.00x the engine is ahead for rates, behind for latency and CPU/GB.",
              "  added latency: path minus direct client->pod, the two sampled alternately by one client",
              "  (so both see the same moment of a noisy machine); those rows show engine - path in us.",
              "  haproxy has no UDP. iperf3 goes to pod 1 on every path (no session affinity anywhere).",

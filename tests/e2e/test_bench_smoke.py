@@ -46,12 +46,13 @@ def test_bench_control_quick(tmp_path):
 
 
 def test_bench_paths_quick(tmp_path):
-    stdout, stderr, data = run_bench("bench_paths.py", 150, tmp_path)
+    stdout, stderr, data = run_bench("bench_paths.py", 200, tmp_path)
     assert "Paths to the same backends" in stdout
     assert "workload" in stdout and "engine/kernel" in stdout and "engine/haproxy" in stdout
+    assert "engine/kube-proxy" in stdout
     # every path came up and gave a figure for the headline row
     med = data["medians"]["TCP bulk, 1 stream (Gbit/s)"]
-    for path in ("kernel", "haproxy", "engine", "direct"):
+    for path in ("kernel", "kubeproxy", "haproxy", "engine", "direct"):
         assert med[path], (path, med)
     # and its namespaces are gone
     m = re.search(r"lab namespaces: (\S+)-\*", stderr)
