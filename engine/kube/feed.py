@@ -8,11 +8,13 @@ An object the engine cannot take is reported (log, `refused`) and left out,
 on its own: the rest of the cluster keeps flowing. This node's Node gives
 the node's addresses."""
 
+import ipaddress
 import logging
 import threading
 import time
 
 from .. import config as config_mod
+from .lbstatus import is_ours
 
 log = logging.getLogger("engine.kube")
 
@@ -27,8 +29,10 @@ def node_addresses(node):
 
 
 class EngineFeed:
-    def __init__(self, engine, min_sync_period=0.05, on_node=None):
+    def __init__(self, engine, min_sync_period=0.05, on_node=None, lb_pools=(), on_service=None):
         self.engine = engine
+        self.lb_pools = [ipaddress.ip_network(p) for p in lb_pools]
+        self.on_service = on_service            # on_service() after each Service event (the LB status writer)
         self.min_sync_period = min_sync_period
         self.on_node = on_node                  # on_node(addresses) when this node's addresses change
         self.node_addresses = None
@@ -57,6 +61,8 @@ class EngineFeed:
         ns, _, name = key.partition("/")
         what = f"{kind} {key}"
         obj = None
+        if kind == "Service" and new is not None:
+            new = self._with_allocated_ip(new)
         if new is not None:
             try:
                 obj = parse(new, f"api:{what}")
@@ -69,6 +75,24 @@ class EngineFeed:
             self.refused.pop(what, None)
         self.engine.update(kind, (ns, name), obj, source="api")
         self._wake()
+        if kind == "Service" and self.on_service:
+            self.on_service()
+
+    def _with_allocated_ip(self, svc):
+        """A LoadBalancer service whose status holds an IP of our pool (the
+        IPAM leader's allocation, engine.kube.lbstatus) is served on that IP
+        by every node, as if it had asked for it in spec.loadBalancerIP."""
+        spec = svc.get("spec") or {}
+        if not self.lb_pools or not is_ours(svc) or spec.get("loadBalancerIP"):
+            return svc
+        for ing in ((svc.get("status") or {}).get("loadBalancer") or {}).get("ingress") or ():
+            try:
+                ip = ipaddress.ip_address(ing.get("ip"))
+            except (TypeError, ValueError):
+                continue
+            if any(ip in p for p in self.lb_pools):
+                return dict(svc, spec=dict(spec, loadBalancerIP=str(ip)))
+        return svc
 
     def _wake(self):
         if self._first is None:

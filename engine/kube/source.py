@@ -2,7 +2,6 @@
 and EndpointSlices not claimed by another proxy (headless ones kept: the
 engine serves their DNS) and this node's own Node."""
 
-import re
 import socket
 import threading
 
@@ -20,30 +19,6 @@ def node_name(hostname_override=None):
     if not name:
         raise ValueError("empty node name: set hostnameOverride")
     return name
-
-
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|m|s|us|µs|ns)")
-_UNIT = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
-
-
-def parse_duration(text):
-    """Seconds of a Go duration ("15m", "1h30m", "90s") or a bare number of seconds."""
-    if isinstance(text, (int, float)):
-        return float(text)
-    s = str(text).strip()
-    try:
-        return float(s)
-    except ValueError:
-        pass
-    pos, total = 0, 0.0
-    for m in _DURATION.finditer(s):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _UNIT[m.group(2)]
-        pos = m.end()
-    if pos != len(s) or not s:
-        raise ValueError(f"{text!r} is not a duration (like 15m, 1h30m, 90s)")
-    return total
 
 
 class ApiSource:
@@ -65,9 +40,9 @@ class ApiSource:
         self.connected = False
 
     @classmethod
-    def from_config(cls, kubeconfig, hostname_override, on_event, config_sync_period="15m", **kw):
-        return cls(Client(load(kubeconfig), user_agent="engine"), node_name(hostname_override), on_event,
-                   resync_period=parse_duration(config_sync_period), **kw)
+    def from_config(cls, kubeconfig, hostname_override, on_event, **kw):
+        """kubeconfig None: the in-cluster config."""
+        return cls(Client(load(kubeconfig), user_agent="engine"), node_name(hostname_override), on_event, **kw)
 
     def reflector(self, kind):
         return next(r for r in self.reflectors if r.kind == kind)

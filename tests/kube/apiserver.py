@@ -252,6 +252,7 @@ class NetnsForwarder:
             raise made["error"]
         self.sock = made["sock"]
         self._stop = False
+        self.conns = set()          # open connections, cut by close()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -267,11 +268,11 @@ class NetnsForwarder:
             except OSError:
                 conn.close()
                 continue
+            self.conns.update((conn, up))
             for a, b in ((conn, up), (up, conn)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src, dst):
+    def _pipe(self, src, dst):
         try:
             while True:
                 data = src.recv(65536)
@@ -287,11 +288,15 @@ class NetnsForwarder:
                 except OSError:
                     pass
             src.close()     # each socket is the source of one pipe: closed once
+            self.conns.discard(src)
 
     def close(self):
+        """Stops listening and cuts every open connection (as a network
+        partition between the node and the API server would)."""
         self._stop = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        for s in [self.sock] + list(self.conns):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self.sock.close()

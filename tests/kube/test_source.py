@@ -44,7 +44,7 @@ def test_api_server_outage(own_control_plane):
             states.append(up)
             cond.notify_all()
 
-    src = ApiSource.from_config(cp.admin_kubeconfig, "Node-A", on_event, "15m",
+    src = ApiSource.from_config(cp.admin_kubeconfig, "Node-A", on_event, resync_period=900,
                                 read_timeout=5, on_state=on_state, backoff_cap=1.0).start()
     try:
         assert src.wait_synced(30)

@@ -105,3 +105,19 @@ def test_a_failing_sync_is_counted_and_retried_on_the_next_event():
         assert feed.counts["sync_errors"] == 2
     finally:
         feed.stop()
+
+
+def test_the_ip_in_status_is_served_as_if_requested():
+    eng = FakeEngine()
+    feed = EngineFeed(eng, lb_pools=["172.18.255.0/24"])
+    s = service("a")
+    s["status"] = {"loadBalancer": {"ingress": [{"ip": "203.0.113.1"}, {"ip": "172.18.255.9", "ipMode": "VIP"}]}}
+    feed("Service", "default/a", None, s)
+    pinned = dict(service("b"), status=s["status"])
+    pinned["spec"] = dict(pinned["spec"], loadBalancerIP="172.18.255.20")
+    feed("Service", "default/b", None, pinned)
+    other = dict(service("c", loadBalancerClass="example.com/lb"), status=s["status"])
+    feed("Service", "default/c", None, other)
+    got = [u[2].load_balancer_ip for u in eng.updates]
+    assert got == ["172.18.255.9", "172.18.255.20", None]
+    assert "loadBalancerIP" not in s["spec"]          # the event's object is not changed
