@@ -139,7 +139,9 @@ if [ $CACHED_ONLY = 1 ]; then
     exit 0
 fi
 
-command -v go >/dev/null || { log "FAILED: go is not on PATH"; exit 1; }
+# sudo's PATH may lack the machine's Go
+command -v go >/dev/null || PATH=$PATH:/usr/local/go/bin
+command -v go >/dev/null || { log "FAILED: go is not on PATH (nor in /usr/local/go/bin)"; exit 1; }
 mkdir -p "$ENGINE_PEERS"
 for p in "$@"; do
     version_of "$p" >/dev/null

@@ -91,6 +91,11 @@ if [ "$(readlink "$LINK" || true)" != "$VENV/bin/engine" ]; then
     ln -sfn "$VENV/bin/engine" "$LINK"
 fi
 
+# 4. The real Kubernetes peers the tests run against (etcd, kube-apiserver,
+# kube-controller-manager, CoreDNS), built from the Go module proxy: 30-40
+# minutes on 2 cores the first time, then cached under ~/.cache/engine-peers.
+bash scripts/build_peers.sh
+
 # Check that it all is there.
 missing=()
 while read -r prog pkg; do

@@ -89,12 +89,15 @@ class ControlPlane:
         if self.controller_manager:
             self.start_controller_manager()
 
-    def _spawn(self, name, argv):
+    def popen(self, argv, **kw):
+        """Starts argv[0] (a peer built by build_peers.sh, run from its cached
+        path) with its output in NAME.log, in its own process group so stop()
+        ends it and anything it forks."""
+        name = argv[0]
         log = open(os.path.join(self.dir, f"{name}.log"), "ab")
         self.logs[name] = log.name
-        # own process group: stop() can end it and anything it forks
-        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
-                                            start_new_session=True)
+        self.procs[name] = subprocess.Popen(argv, executable=self.bin[name], stdout=log, stderr=subprocess.STDOUT,
+                                            cwd=self.dir, start_new_session=True, **kw)
         log.close()
 
     def log_tail(self, name, lines=40):
@@ -123,7 +126,7 @@ class ControlPlane:
         self.etcd_dir = os.path.join(self.dir, "etcd")
         client = f"http://127.0.0.1:{self.etcd_port}"
         peer = f"http://127.0.0.1:{self.etcd_peer_port}"
-        self._spawn("etcd", [self.bin["etcd"], "--name=default", f"--data-dir={self.etcd_dir}",
+        self.popen(["etcd", "--name=default", f"--data-dir={self.etcd_dir}",
                              f"--listen-client-urls={client}", f"--advertise-client-urls={client}",
                              f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}",
                              f"--initial-cluster=default={peer}", "--unsafe-no-fsync=true",
@@ -138,8 +141,8 @@ class ControlPlane:
     def start_apiserver(self, serving=None):
         if serving is None:
             serving = (os.path.join(self.pki.dir, "apiserver.crt"), os.path.join(self.pki.dir, "apiserver.key"))
-        self._spawn("kube-apiserver", [
-            self.bin["kube-apiserver"],
+        self.popen([
+            "kube-apiserver",
             f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
             f"--bind-address={self.host}", f"--secure-port={self.port}", f"--advertise-address={self.host}",
             f"--tls-cert-file={serving[0]}", f"--tls-private-key-file={serving[1]}",
@@ -167,8 +170,8 @@ class ControlPlane:
         tests set: no kubelet runs here)."""
         crt, key = self.pki.issue("kcm", "system:kube-controller-manager", groups=("system:masters",))
         kc = kubeconfig(os.path.join(self.dir, "kcm.kubeconfig"), self.server, self.ca_file, crt, key, user="kcm")
-        self._spawn("kube-controller-manager", [
-            self.bin["kube-controller-manager"], f"--kubeconfig={kc}", f"--controllers={controllers}",
+        self.popen([
+            "kube-controller-manager", f"--kubeconfig={kc}", f"--controllers={controllers}",
             "--leader-elect=false", "--secure-port=0", "--concurrent-service-endpoint-syncs=5",
             f"--service-cluster-ip-range={self.service_cidr}"])
         # up once it has been running a moment without exiting
