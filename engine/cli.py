@@ -36,7 +36,9 @@ def cmd_check(args):
 
 
 def cmd_run(args):
-    from .control import ControlServer, HTTPEndpoint
+    from .control import ControlServer, http_endpoints, raise_fd_limit
+    soft, _ = raise_fd_limit()
+    log.info("descriptor limit %d", soft)
     from .proxier import Engine
     cache = config_mod.FileCache()
     cfg = config_mod.load(args.config, cache=cache)
@@ -64,8 +66,7 @@ def cmd_run(args):
             log.error("reload refused, running table unchanged: %s", e)
 
     try:
-        for bind in {cfg.engine.healthz_bind_address, cfg.engine.metrics_bind_address} - {None}:
-            servers.append(HTTPEndpoint(eng, bind).start())
+        servers += http_endpoints(eng, cfg.engine.healthz_bind_address, cfg.engine.metrics_bind_address)
         eng.start()
         if cfg.engine.control_socket:
             servers.append(ControlServer(eng, cfg.engine.control_socket).start())
