@@ -21,7 +21,7 @@ import threading
 import time
 
 from . import config as config_mod
-from . import servicemap
+from . import servicemap, snapshot
 from .changes import DELETED, ENDPOINT_KINDS, ChangeTracker, Sources
 from .compiler import Compiler
 from .config import ConfigError
@@ -291,27 +291,19 @@ class Engine:
 
     # -- restart without loss ---------------------------------------------------------
 
-    SNAPSHOT_MAX_AGE = 600      # seconds; an older snapshot describes flows long gone
-
     def save_flows(self, quiet=False):
         """Write the flow table for the next start (on SIGTERM/SIGINT, and
         every conntrack.snapshotInterval while running)."""
-        import json
+        eb = self.fastpath.ENTRY_BYTES
         with self.lock:         # ids as the flows name them: no sync in between
             data = self.fp.export_flows()
-            header = {"version": 1, "time": time.time(), "masq": self.cfg.engine.masquerade_ip,
-                      "entry_bytes": self.fastpath.ENTRY_BYTES,
+            header = {"version": snapshot.VERSION, "time": time.time(), "masq": self.cfg.engine.masquerade_ip,
+                      "entry_bytes": eb,
                       "services": {i: n for n, i in self.state.services.ids.items()},
                       "backends": {i: list(k) for k, i in self.state.backends.ids.items()}}
         try:
-            os.makedirs(os.path.dirname(self.state_file) or ".", mode=0o700, exist_ok=True)
-            tmp = self.state_file + ".tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(json.dumps(header).encode() + b"\n" + data)
-            os.replace(tmp, self.state_file)
-            (log.debug if quiet else log.info)("saved %d flows to %s", len(data) // self.fastpath.ENTRY_BYTES,
-                                               self.state_file)
+            snapshot.write(self.state_file, header, data)
+            (log.debug if quiet else log.info)("saved %d flows to %s", len(data) // eb, self.state_file)
         except OSError as e:
             log.warning("cannot save flows to %s: %s", self.state_file, e)
 
@@ -327,39 +319,35 @@ class Engine:
         return True
 
     def restore_flows(self):
-        """Take over the flows a previous engine saved, then remove the file."""
-        import json
+        """Take over the flows a previous engine saved whose service port and
+        backend the new table still has. The file stays until a new snapshot
+        replaces it: a crash soon after this start still finds it."""
+        path, eb = self.state_file, self.fastpath.ENTRY_BYTES
+        snapshot.remove_stale_tmp(path)
+        ct = self.cfg.engine.conntrack
         try:
-            with open(self.state_file, "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            return 0
-        except OSError as e:
-            log.warning("cannot read %s: %s", self.state_file, e)
-            return 0
-        try:
-            os.unlink(self.state_file)
-        except OSError:
-            pass
-        try:
-            line, data = raw.split(b"\n", 1)
-            h = json.loads(line)
+            got = snapshot.read(path, max_bytes=(ct.max + 1) * eb + (64 << 20))
+            if got is None:
+                return 0
+            h, data = got
             age = time.time() - float(h["time"])
-            if h.get("version") != 1 or h.get("entry_bytes") != self.fastpath.ENTRY_BYTES:
+            if h.get("entry_bytes") != eb:
                 raise ValueError("snapshot of another format")
             if h.get("masq") != self.cfg.engine.masquerade_ip:
                 raise ValueError("snapshot of another masquerade address")
-            if not 0 <= age < self.SNAPSHOT_MAX_AGE:
+            if not 0 <= age < snapshot.MAX_AGE:
                 raise ValueError(f"snapshot is {age:.0f}s old")
-            svc = {int(old): self.state.services.ids[name] for old, name in h["services"].items()
-                   if name in self.state.services.ids}
-            bk = {int(old): self.state.backends.ids[tuple(k)] for old, k in h["backends"].items()
-                  if tuple(k) in self.state.backends.ids}
-            n = self.fp.import_flows(data, svc_ids=svc, backend_ids=bk, elapsed=int(age))
-            log.info("took over %d flows from %s (%.1fs old)", n, self.state_file, age)
+            sids, bids = self.state.services.ids, self.state.backends.ids
+            services = {int(old): name for old, name in h["services"].items() if name in sids}
+            backends = {int(old): tuple(k) for old, k in h["backends"].items() if tuple(k) in bids}
+            data, _, left = snapshot.keep(data, eb, services, backends, snapshot.state_timeouts(timeouts_from(ct)))
+            n = self.fp.import_flows(data, svc_ids={o: sids[n] for o, n in services.items()},
+                                     backend_ids={o: bids[k] for o, k in backends.items()}, elapsed=int(age))
+            log.info("took over %d flows from %s (%.1fs old; %d left behind: service or backend gone, "
+                     "or half-open)", n, path, age, left)
             return n
-        except (ValueError, KeyError, TypeError) as e:
-            log.warning("ignoring flow snapshot %s: %s", self.state_file, e)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("ignoring flow snapshot %s: %s", path, e)
             return 0
 
     # -- live changes ---------------------------------------------------------------
