@@ -46,6 +46,10 @@ def cmd_run(args):
         cfg.engine.control_socket = args.control_socket
     if args.state_file:
         cfg.engine.state_file = args.state_file
+    if args.kubeconfig:
+        cfg.engine.kubeconfig = os.path.abspath(args.kubeconfig)
+    if args.hostname_override:
+        cfg.engine.hostname_override = args.hostname_override.strip().lower()
     for n in cfg.notes:
         log.info("%s", n)
     eng = Engine(cfg, file_cache=cache)
@@ -57,6 +61,7 @@ def cmd_run(args):
     signal.signal(signal.SIGHUP, lambda *a: (reload_.set(), wake.set()))
     servers = []
     watcher = None
+    api = None
 
     def reload(why, noticed=None, paths=None):
         try:
@@ -68,6 +73,7 @@ def cmd_run(args):
     try:
         servers += http_endpoints(eng, cfg.engine.healthz_bind_address, cfg.engine.metrics_bind_address)
         eng.start()
+        api = _start_api_source(eng, cfg, args.config)
         if cfg.engine.control_socket:
             servers.append(ControlServer(eng, cfg.engine.control_socket).start())
         try:
@@ -90,6 +96,8 @@ def cmd_run(args):
                     log.error("reload refused, running table unchanged: %s", e)
             eng.snapshot_if_due()
     finally:
+        if api is not None:
+            api.stop()
         if watcher is not None:
             watcher.close()
         for srv in servers:
@@ -97,6 +105,57 @@ def cmd_run(args):
         eng.stop()
         log.info("engine stopped; TUN, routes and sysctls restored")
     return 0
+
+
+def _start_api_source(eng, cfg, config_path):
+    """Follow an API server when clientConnection.kubeconfig (or
+    --kubeconfig) names one, or in a pod (the service-account config)."""
+    kubeconfig = cfg.engine.kubeconfig
+    if not kubeconfig and not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return None
+    from .kube.feed import EngineFeed
+    from .kube.source import ApiSource
+    if kubeconfig and not os.path.isabs(kubeconfig):     # relative to the configuration, as manifests
+        kubeconfig = os.path.join(os.path.dirname(os.path.abspath(config_path)), kubeconfig)
+    pools = [cfg.engine.load_balancer_cidr] if cfg.engine.load_balancer_cidr else []
+    feed = EngineFeed(eng, on_node=eng.set_api_node_addresses, lb_pools=pools)
+    source = ApiSource.from_config(kubeconfig, cfg.engine.hostname_override, feed,
+                                   resync_period=cfg.engine.config_sync_period)
+    eng.api = source
+    parts = [source]
+    if pools:
+        # one engine of the cluster allocates LoadBalancer IPs and writes them to status
+        from .kube.lbstatus import StatusWriter
+        from .kube.lease import LeaderElector
+        elector = LeaderElector(source.client, lease_namespace(), "engine-lb-ipam", source.node,
+                                on_started_leading=lambda: writer.changed())
+        writer = StatusWriter(source.client, source.reflector("Service").snapshot, pools, elector)
+        feed.on_service = writer.changed
+        eng.lb_elector = elector
+        parts = [elector, writer] + parts
+    source.start()
+    for p in parts[:-1]:
+        p.start()
+    log.info("following the API server %s as node %s", source.client.config.server, source.node)
+    return _Parts(*parts)
+
+
+def lease_namespace():
+    """The pod's namespace in a cluster, else kube-system (deploy/rbac.yaml)."""
+    try:
+        with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
+            return f.read().strip() or "kube-system"
+    except OSError:
+        return os.environ.get("ENGINE_LEASE_NAMESPACE", "kube-system")
+
+
+class _Parts:
+    def __init__(self, *parts):
+        self.parts = parts
+
+    def stop(self):
+        for p in self.parts:
+            p.stop()
 
 
 def _control(args, req):
@@ -178,6 +237,8 @@ def main(argv=None):
     r.add_argument("config")
     r.add_argument("--control-socket", help="overrides controlSocket of the configuration")
     r.add_argument("--state-file", help="overrides stateFile of the configuration")
+    r.add_argument("--kubeconfig", help="follow this API server (overrides clientConnection.kubeconfig)")
+    r.add_argument("--hostname-override", help="this node's name (overrides hostnameOverride)")
     c = sub.add_parser("check", help="validate a configuration and print the resolved table")
     c.add_argument("config")
     d = sub.add_parser("demo", help="play the seed walkthrough in a namespace lab")

@@ -265,6 +265,9 @@ class EngineConfig:
     control_socket: str = "/run/engine/engine.sock"
     state_file: Optional[str] = None       # conntrack handed to the next start; default /run/engine/<tunName>.flows
     manifests: list = field(default_factory=list)
+    kubeconfig: Optional[str] = None        # clientConnection.kubeconfig: follow this API server
+    hostname_override: Optional[str] = None  # this node's name; default: the hostname
+    config_sync_period: int = 900           # resync of the API watch (configSyncPeriod, 15m)
 
 
 @dataclass
@@ -384,7 +387,8 @@ def _check_keys(where, fld, d, allowed):
 _ENGINE_KEYS = {"apiVersion", "kind", "tunName", "serviceCIDR", "nodePortRange",
                 "nodePortAddresses", "masqueradeIP", "loadBalancerCIDR", "scheduler",
                 "dns", "conntrack", "metricsBindAddress", "healthzBindAddress",
-                "controlSocket", "stateFile", "manifests"}
+                "controlSocket", "stateFile", "manifests", "clientConnection", "hostnameOverride",
+                "configSyncPeriod"}
 
 
 def parse_engine(doc, where):
@@ -443,6 +447,19 @@ def parse_engine(doc, where):
         c.state_file = _str(where, "stateFile", doc["stateFile"])
     if "manifests" in doc:
         c.manifests = [_str(where, f"manifests[{i}]", m) for i, m in enumerate(_list(where, "manifests", doc["manifests"]))]
+    if "clientConnection" in doc:
+        # KubeProxyConfiguration's ClientConnectionConfiguration; only the
+        # kubeconfig matters to us (qps/burst/content types are accepted)
+        d = _map(where, "clientConnection", doc["clientConnection"])
+        _check_keys(where, "clientConnection", d, {"kubeconfig", "qps", "burst", "contentType", "acceptContentTypes"})
+        if d.get("kubeconfig"):
+            c.kubeconfig = _str(where, "clientConnection.kubeconfig", d["kubeconfig"])
+    if doc.get("hostnameOverride"):
+        c.hostname_override = _str(where, "hostnameOverride", doc["hostnameOverride"]).strip().lower()
+        if not DNS1123_SUB.match(c.hostname_override):
+            raise ConfigError(where, "hostnameOverride", f"not a node name: {_short(doc['hostnameOverride'])}")
+    if "configSyncPeriod" in doc:
+        c.config_sync_period = _duration(where, "configSyncPeriod", doc["configSyncPeriod"])
     masq = ipaddress.IPv4Address(c.masquerade_ip)
     if masq in ipaddress.IPv4Network(c.service_cidr):
         raise ConfigError(where, "masqueradeIP", f"{masq} lies inside serviceCIDR {c.service_cidr}")

@@ -102,9 +102,33 @@ class _EngineCollector:
                 if i in names:
                     fam.add_metric([names[i]], cs[key])
             yield fam
+        if eng.api is not None:
+            yield from _api_metrics(eng)
         if eng.dns:
             fam = CounterMetricFamily("engine_dns_requests_total", "Cluster DNS requests, by outcome.", labels=["outcome"])
             for k, v in sorted(eng.dns.stats.items()):
                 fam.add_metric([k], v)
             yield fam
             yield from eng.dns.collector.collect()      # CoreDNS's names: coredns_dns_*, coredns_cache_*
+
+
+def _api_metrics(eng):
+    """The API source: whether the API server is reachable (while it is not,
+    the last state keeps forwarding) and what each reflector did."""
+    api = eng.api
+    yield GaugeMetricFamily("engine_api_connected", "1 while every watch of the API server is up; 0 while the "
+                            "engine forwards with the last state it had.", value=int(api.connected))
+    objs = GaugeMetricFamily("engine_api_objects", "Objects held from the API server, by kind.", labels=["kind"])
+    for r in api.reflectors:
+        objs.add_metric([r.kind], len(r.cache))
+    yield objs
+    for name, key, help_ in (("engine_api_lists_total", "lists", "Full lists (first, after 410 Gone or an error)."),
+                             ("engine_api_relists_gone_total", "relists_gone", "Relists after 410 Gone."),
+                             ("engine_api_watch_events_total", "events", "Watch events applied."),
+                             ("engine_api_errors_total", "errors", "Failed lists and watches (retried with backoff).")):
+        fam = CounterMetricFamily(name, help_, labels=["kind"])
+        for r in api.reflectors:
+            fam.add_metric([r.kind], r.counts[key])
+        yield fam
+    yield CounterMetricFamily("engine_api_refused_objects_total", "API objects refused (each logged with the "
+                              "reason).", value=eng.api_refused)

@@ -70,6 +70,8 @@ class Engine:
         self.objects = {}               # {(kind, ns, name): objects} the tables were built from
         self.smap = None
         self.node_addrs = None
+        self.api = None                 # the API source when following an API server (engine.kube)
+        self.api_node_addresses = None  # this node's addresses from its Node object
         self._full_needed = True        # first sync, new settings, a failed partial
         self._routes = {}               # service key -> extra /32 routes it needs
         self._node_port_services = set()
@@ -545,11 +547,17 @@ class Engine:
     def node_port_addresses(self, eng):
         """Node addresses on which node ports answer: every address of the
         node (but loopback and the TUN's), or those within nodePortAddresses."""
-        addrs = self.host.node_addresses()
+        # following an API server, the Node object says which addresses are the node's
+        addrs = self.api_node_addresses or self.host.node_addresses()
         if eng.node_port_addresses:
             nets = [ipaddress.IPv4Network(c) for c in eng.node_port_addresses]
             addrs = [a for a in addrs if any(ipaddress.IPv4Address(a) in n for n in nets)]
         return addrs
+
+    def set_api_node_addresses(self, addrs):
+        """This node's addresses from its Node (None: back to the host's);
+        the next sync applies them."""
+        self.api_node_addresses = list(addrs) if addrs else None
 
     def _route(self, eng, smap, keys=None):
         """Routes and rules that bring this table's traffic into the TUN.

@@ -71,6 +71,29 @@ def test_snapshot_interval_refused(tmp_path, value):
         config.load(write(tmp_path, f"kind: EngineConfiguration\nconntrack: {{snapshotInterval: {value}}}\n"))
 
 
+def test_api_server_settings(tmp_path):
+    e = config.load(write(tmp_path, "kind: EngineConfiguration\n")).engine
+    assert (e.kubeconfig, e.hostname_override, e.config_sync_period) == (None, None, 900)
+    e = config.load(write(tmp_path, """kind: EngineConfiguration
+clientConnection: {kubeconfig: /etc/kubernetes/engine.kubeconfig, qps: 5, burst: 10}
+hostnameOverride: Node-1
+configSyncPeriod: 1h30m
+""")).engine
+    assert (e.kubeconfig, e.hostname_override, e.config_sync_period) == \
+        ("/etc/kubernetes/engine.kubeconfig", "node-1", 5400)
+
+
+@pytest.mark.parametrize("text, field", [
+    ("clientConnection: {kubeconfg: /x}", "clientConnection"),
+    ("clientConnection: /x", "clientConnection"),
+    ("hostnameOverride: 'no spaces allowed'", "hostnameOverride"),
+    ("configSyncPeriod: soon", "configSyncPeriod"),
+])
+def test_api_server_settings_refused(tmp_path, text, field):
+    with pytest.raises(ConfigError, match=field):
+        config.load(write(tmp_path, f"kind: EngineConfiguration\n{text}\n"))
+
+
 def test_manifests_paths_are_read(tmp_path):
     d = tmp_path / "m"
     d.mkdir()
