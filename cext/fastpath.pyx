@@ -44,7 +44,7 @@ include "io.pxi"
 
 DROP_REASONS = ("none", "malformed", "unsupported", "fragment", "no_service",
                 "unallocated", "not_syn", "table_full", "nat_exhausted",
-                "spoofed", "source_denied", "martian", "icmp_rate")
+                "spoofed", "source_denied", "martian", "icmp_rate", "overload")
 
 COUNTERS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "flows_created",
             "flows_expired", "flows_evicted", "rejects", "write_errors", "drops",
@@ -141,6 +141,8 @@ cdef inline int flow_forward(Dataplane dp, pkt_t *v, int64_t ref, uint32_t now, 
     cdef flow_key_t *other = &e.key[1 - dir]
     nat_rewrite(v.p, v.l4, v.proto, other.daddr, other.dport, other.saddr, other.sport, partial)
     if v.proto == PROTO_TCP:
+        if e.state == CT_SYN_RECV and dir == DIR_ORIG:
+            known_mark(dp, e.key[DIR_ORIG].saddr, now)      # the client got our SYN-ACK: its address is real
         e.state = tcp_next_state(e.state, &e.flags, dir, v.th)
         if e.state == CT_TIME_WAIT or e.state == CT_CLOSE:
             ct_deactivate(&dp.ct, e)
@@ -186,6 +188,8 @@ cdef inline int flow_open(Dataplane dp, Tables t, pkt_t *v, uint32_t now, Py_ssi
         return reject(dp, v, now, outlen)
     if v.proto == PROTO_TCP and (v.th & (TH_SYN | TH_ACK | TH_RST | TH_FIN)) != TH_SYN:
         return drop(dp, R_NOT_SYN)
+    if dp.overloaded and not admit(dp, v.key.saddr, now):
+        return drop(dp, R_OVERLOAD)
     b = schedule(dp, t, sv, &v.key, now)
     rk.saddr = b.addr
     rk.daddr = dp.masq
@@ -216,6 +220,49 @@ cdef inline int flow_open(Dataplane dp, Tables t, pkt_t *v, uint32_t now, Py_ssi
     nat_rewrite(v.p, v.l4, v.proto, rk.daddr, rk.dport, rk.saddr, rk.sport, partial)
     outlen[0] = v.tot
     return V_FORWARD
+
+
+# -- admission under overload ---------------------------------------------------------------
+
+cdef inline uint64_t known_bit(uint32_t raw_src) noexcept nogil:
+    return ((raw_src * 2654435761U) & 0xffffffffU) >> (32 - KNOWN_BITS_LOG2)
+
+
+cdef inline void known_rotate(Dataplane dp, uint32_t now) noexcept nogil:
+    """A new generation every KNOWN_PERIOD seconds: the older one is forgotten."""
+    cdef uint64_t *old
+    if now - dp.known_epoch >= KNOWN_PERIOD:
+        old = dp.known[1]
+        dp.known[1] = dp.known[0]
+        dp.known[0] = old
+        memset(old, 0, (1 << KNOWN_BITS_LOG2) // 8)
+        if now - dp.known_epoch >= 2 * KNOWN_PERIOD:
+            memset(dp.known[1], 0, (1 << KNOWN_BITS_LOG2) // 8)
+        dp.known_epoch = now
+
+
+cdef inline void known_mark(Dataplane dp, uint32_t raw_src, uint32_t now) noexcept nogil:
+    cdef uint64_t b = known_bit(raw_src)
+    known_rotate(dp, now)
+    dp.known[0][b >> 6] |= 1ULL << (b & 63)
+
+
+cdef inline bint admit(Dataplane dp, uint32_t raw_src, uint32_t now) noexcept nogil:
+    """Whether a new flow from raw_src goes on while the engine is behind: a
+    known source always, another within admit_rate a second. A flood from
+    random sources then costs a read and a drop, not two writes and the
+    backends' work, and the TUN queue keeps room for known clients."""
+    cdef uint64_t b = known_bit(raw_src)
+    known_rotate(dp, now)
+    if ((dp.known[0][b >> 6] | dp.known[1][b >> 6]) >> (b & 63)) & 1:
+        return True
+    if now != dp.admit_second:
+        dp.admit_second = now
+        dp.admit_tokens = dp.admit_rate
+    if dp.admit_tokens == 0:
+        return False
+    dp.admit_tokens -= 1
+    return True
 
 
 # -- batch stages ahead of process_one (prefetches: hints, never answers) -------------------
@@ -290,11 +337,12 @@ cdef class Dataplane:
         self.ct.entries = NULL
         self.ct.free_ids = NULL
         self.ct.slots = NULL
+        self.known[0] = self.known[1] = NULL
 
     def __init__(self, masquerade_ip, max_flows=262144, batch=64, seed=0x9E3779B9,
                  port_range=(1024, 65535), timeouts=None, Tables tables=None,
                  max_services=65536, max_backends=1 << 20, affinity_size=65536, icmp_rate=1000,
-                 icmp_source_rate=100):
+                 icmp_source_rate=100, admit_rate=1000):
         cdef uint64_t asize = 16
         if max_flows < 1:
             raise ValueError("max_flows must be positive")
@@ -308,6 +356,14 @@ cdef class Dataplane:
         self.icmp_tokens = icmp_rate
         self.icmp_second = 0xffffffffU
         self.icmp_source_rate = icmp_source_rate
+        self.admit_rate = admit_rate
+        self.admit_second = 0xffffffffU
+        self.overloaded = False
+        self.known_epoch = 0
+        self.known[0] = <uint64_t *>calloc((1 << KNOWN_BITS_LOG2) // 64, sizeof(uint64_t))
+        self.known[1] = <uint64_t *>calloc((1 << KNOWN_BITS_LOG2) // 64, sizeof(uint64_t))
+        if not self.known[0] or not self.known[1]:
+            raise MemoryError()
         memset(self.icmp_sources, 0xff, sizeof(self.icmp_sources))    # second ~0: no budget yet
         # per service-port counters and active counts are touched once per new
         # flow at random: on huge pages where given, like the flow table
@@ -340,6 +396,8 @@ cdef class Dataplane:
         if self.svcport_stats != NULL:
             munmap(self.svcport_stats, <size_t>self.max_svcports * NSVCPORT_STATS * sizeof(uint64_t))
         free(self.aff)
+        free(self.known[0])
+        free(self.known[1])
         free(self.bufs)
         if self.lock:
             PyThread_free_lock(self.lock)

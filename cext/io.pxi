@@ -76,6 +76,8 @@ cdef class IOWorker:
                     break
                 clock_gettime(CLOCK_MONOTONIC, &ts)
                 now = <uint32_t>ts.tv_sec
+                # a full batch: packets are waiting, the engine is behind
+                dp.overloaded = n == self.batch
                 stage_parse(dp, t, self.bufs, IO_SLOT, self.lens, n, hdr, self.pkts, self.rows)
                 PyThread_acquire_lock(dp.lock, WAIT_LOCK)
                 if dp.batch_prefetch:

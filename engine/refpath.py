@@ -81,6 +81,8 @@ ICMP_QUOTE_MAX = 548        # RFC 1812: error messages stay within 576 bytes
 PORT_TRIES = 512            # bounded search for a free SNAT port
 RECLAIM_AFTER = 8           # search tries after which a half-open flow's port is taken
 ICMP_SOURCE_SLOTS = 1024    # per-source port-unreachable budgets (direct-mapped)
+KNOWN_BITS_LOG2 = 19        # sources that completed a TCP handshake: bits per generation
+KNOWN_PERIOD = 120          # seconds per generation (a source stays known 120-240 s)
 EVICT_SCAN = 256            # entries an eviction looks at, at most
 
 # --- verdicts, drop reasons, counters, states ----------------------------------
@@ -89,7 +91,7 @@ VERDICTS = ("drop", "forward", "reply")
 
 DROP_REASONS = ("none", "malformed", "unsupported", "fragment", "no_service",
                 "unallocated", "not_syn", "table_full", "nat_exhausted",
-                "spoofed", "source_denied", "martian", "icmp_rate")
+                "spoofed", "source_denied", "martian", "icmp_rate", "overload")
 
 COUNTERS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "flows_created",
             "flows_expired", "flows_evicted", "rejects", "write_errors", "drops",
@@ -686,11 +688,12 @@ class Dataplane:
 
     batch_prefetch = True       # a cache hint of the C path: no effect here
     tun_queues = 1              # masquerade ports congruent to client ports modulo this
+    overloaded = False          # the I/O loop's last read filled a batch (tests set it)
 
     def __init__(self, masquerade_ip, max_flows=262144, batch=64, seed=0x9E3779B9,
                  port_range=(1024, 65535), timeouts=None, tables=None,
                  max_services=65536, max_backends=1 << 20, affinity_size=65536, icmp_rate=1000,
-                 icmp_source_rate=100):
+                 icmp_source_rate=100, admit_rate=1000):
         if max_flows < 1:
             raise ValueError("max_flows must be positive")
         if not (1 <= port_range[0] <= port_range[1] <= 65535):
@@ -704,6 +707,11 @@ class Dataplane:
         self.icmp_second = U32
         self.icmp_source_rate = _uint(icmp_source_rate, 32, "icmp_source_rate")
         self.icmp_sources = {}      # slot -> [addr (raw), second, tokens]; absent: none yet
+        self.admit_rate = _uint(admit_rate, 32, "admit_rate")
+        self.admit_tokens = 0
+        self.admit_second = U32
+        self.known = [set(), set()]     # bit indexes of known sources, this generation and the last
+        self.known_epoch = 0
         self.svcport_stats = {}             # stable service-port id -> [5 counters]
         # sessionAffinity: ClientIP. Slot index -> [svc id + 1 (0: empty),
         # client (raw), backend addr, backend port, expires]; absent: empty.
@@ -840,6 +848,8 @@ class Dataplane:
         o_saddr, o_daddr, o_sport, o_dport, _ = e.key[1 - direction]
         nat_rewrite(v.p, v.l4, v.proto, o_daddr, o_dport, o_saddr, o_sport, partial)
         if v.proto == PROTO_TCP:
+            if e.state == CT_SYN_RECV and direction == DIR_ORIG:
+                self._known_mark(raw32(e.key[DIR_ORIG][0]), now)   # the client got our SYN-ACK
             e.state, e.flags = tcp_next_state(e.state, e.flags, direction, v.th)
             if e.state == CT_TIME_WAIT or e.state == CT_CLOSE:
                 self.ct.deactivate(e)           # closing: no longer an active flow
@@ -878,6 +888,8 @@ class Dataplane:
             return self._reject(v.p, v.tot, now)
         if proto == PROTO_TCP and v.th & (TH_SYN | TH_ACK | TH_RST | TH_FIN) != TH_SYN:
             return self._drop("not_syn")
+        if self.overloaded and not self._admit(raw32(saddr), now):
+            return self._drop("overload")
         baddr, bport, bid = self._schedule(sv, raw32(saddr), raw16(sport), now)
         port = self._snat_port(baddr, bport, proto, sport, reopened, now)
         if port is None:
@@ -900,6 +912,34 @@ class Dataplane:
         self.cnt["flows_created"] += 1
         nat_rewrite(v.p, v.l4, proto, self.masq, port, baddr, bport, partial)
         return ("forward", "none", bytes(v.p[:v.tot]))
+
+    # -- admission under overload (see admit, cext/fastpath.pyx) --
+
+    def _known_rotate(self, now):
+        if (now - self.known_epoch) & U32 >= KNOWN_PERIOD:
+            self.known = [set(), self.known[0]]
+            if (now - self.known_epoch) & U32 >= 2 * KNOWN_PERIOD:
+                self.known[1] = set()
+            self.known_epoch = now
+
+    def _known_mark(self, src, now):
+        self._known_rotate(now)
+        self.known[0].add(((src * 2654435761) & U32) >> (32 - KNOWN_BITS_LOG2))
+
+    def _admit(self, src, now):
+        """A new flow from src (raw) while overloaded: a known source always,
+        another within admit_rate a second."""
+        b = ((src * 2654435761) & U32) >> (32 - KNOWN_BITS_LOG2)
+        self._known_rotate(now)
+        if b in self.known[0] or b in self.known[1]:
+            return True
+        if now != self.admit_second:
+            self.admit_second = now
+            self.admit_tokens = self.admit_rate
+        if self.admit_tokens == 0:
+            return False
+        self.admit_tokens -= 1
+        return True
 
     def _snat_try(self, rk, now, victim):
         """Whether rk's masquerade port is free; an expired holder is removed,

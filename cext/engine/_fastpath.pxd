@@ -33,7 +33,8 @@ cdef enum:
     R_SOURCE_DENIED = 10
     R_MARTIAN = 11              # would answer a source no error may go to (RFC 1122 3.2.2)
     R_ICMP_RATE = 12            # port unreachables over icmp_rate per second (as the kernel's icmp_ratelimit)
-    R_NREASONS = 13
+    R_OVERLOAD = 13             # a new flow from an unknown source while the engine is behind, over admit_rate
+    R_NREASONS = 14
 
 # Dataplane counters (COUNTERS names them in this order), then one per reason.
 cdef enum:
@@ -215,6 +216,8 @@ cdef enum:
     PORT_TRIES = 512            # bounded search for a free SNAT port
     RECLAIM_AFTER = 8           # search tries after which a half-open flow's port is taken
     ICMP_SOURCE_SLOTS = 1024    # per-source port-unreachable budgets (direct-mapped)
+    KNOWN_BITS_LOG2 = 19        # sources that completed a TCP handshake: bits per generation
+    KNOWN_PERIOD = 120          # seconds per generation (a source stays known 120-240 s)
 
 
 @cython.final
@@ -261,6 +264,14 @@ cdef class Dataplane:
     cdef uint32_t icmp_rate, icmp_tokens, icmp_second
     cdef uint32_t icmp_source_rate  # ... and at most this many to one source a second
     cdef icmp_budget_t icmp_sources[ICMP_SOURCE_SLOTS]
+    # Admission under overload (a SYN flood from random sources): sources
+    # that completed a TCP handshake lately are known (two generations of a
+    # bitmap by address hash); while the I/O loop is behind (its last read
+    # filled a batch), new flows from other sources get admit_rate a second
+    cdef uint64_t *known[2]
+    cdef uint32_t known_epoch
+    cdef public bint overloaded
+    cdef uint32_t admit_rate, admit_tokens, admit_second
     cdef uint64_t *svcport_stats    # NSVCPORT_STATS per stable service-port id
     cdef uint32_t max_svcports
     cdef aff_t *aff

@@ -94,10 +94,12 @@ CONFIGS = {
     "tight": dict(max_flows=32, port_range=(40000, 40031), icmp_rate=2),   # and icmp_rate
     # four SNAT ports: nat_exhausted
     "ports": dict(max_flows=4096, port_range=(40000, 40003)),
+    # the I/O loop behind: new flows from unknown sources, 2 a second (overload)
+    "overload": dict(max_flows=4096, admit_rate=2, overloaded=True),
 }
 # --config all: how the packets are shared out
 POISON_LEN = 8192                   # bytes of poison behind each packet (longer than any packet made)
-MIX = (("default", 0.7), ("tight", 0.15), ("ports", 0.15))
+MIX = (("default", 0.65), ("tight", 0.15), ("ports", 0.15), ("overload", 0.05))
 
 
 def table_args():
@@ -687,11 +689,14 @@ def run(fp, packets, seed=1, config="default", ref=None, ref_packets=0, shadow=T
     Raises FuzzFailure on the first broken rule. Returns Stats."""
     rng = random.Random(seed)
     gen = Generator(rng)
-    kw = CONFIGS[config]
+    kw = dict(CONFIGS[config])
+    overloaded = kw.pop("overloaded", False)
     targs = table_args()
 
     def make(mod):
-        return mod.Dataplane(MASQ, tables=mod.Tables(**targs), seed=0x5eed0000 + seed, **kw)
+        dp = mod.Dataplane(MASQ, tables=mod.Tables(**targs), seed=0x5eed0000 + seed, **kw)
+        dp.overloaded = overloaded
+        return dp
 
     dp = make(fp)
     sh = make(fp) if shadow else None

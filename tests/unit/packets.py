@@ -718,6 +718,29 @@ FIXTURES = [
         Step(tcp("S", dst=VIP_ONE, sport=50004), now=T0 + 86401, check=fields(sport=range(40000, 40004)),
              after=counters_are(flows_expired=1, flows_evicted=0, flows=4)),
     ], dataplane={"port_range": (40000, 40003)}),
+    Fixture("overload_admits_known_sources", "while the engine is behind, new flows from sources that "
+            "completed a handshake go on; others get admit_rate a second", [
+        *handshake(sport=40001),                                           # CLIENT is known now
+        Step(None, action=lambda dp, ctx: setattr(dp, "overloaded", True)),
+        Step(tcp("S", src="10.9.0.1", sport=1111)),                        # admit_rate = 2 a second
+        Step(udp(src="10.9.0.2", sport=1112)),
+        drop(tcp("S", src="10.9.0.3", sport=1113), "overload"),
+        drop(udp(src="10.9.0.3", sport=1113), "overload"),
+        Step(tcp("S", sport=40002), state="SYN_SENT"),                     # known: always
+        Step(tcp("S", src="10.9.0.3", sport=1113), now=T0 + 1),            # a new second
+        Step(None, action=lambda dp, ctx: setattr(dp, "overloaded", False)),
+        Step(tcp("S", src="10.9.0.4", sport=1114), now=T0 + 1),            # not behind: all go on
+        Step(tcp("S", src="10.9.0.5", sport=1115), now=T0 + 1),
+        Step(None, action=lambda dp, ctx: setattr(dp, "overloaded", True)),
+        Step(tcp("S", src="10.9.0.6", sport=1116), now=T0 + 1),            # the second's last
+        drop(tcp("S", src="10.9.0.7", sport=1117), "overload", now=T0 + 1),
+        Step(tcp("S", src="10.9.0.8", sport=1118), now=T0 + 200),
+        Step(tcp("S", src="10.9.0.9", sport=1119), now=T0 + 200),
+        Step(tcp("S", sport=40003), now=T0 + 200),                         # known 120-240 s ...
+        Step(tcp("S", src="10.9.0.10", sport=1120), now=T0 + 481),
+        Step(tcp("S", src="10.9.0.11", sport=1121), now=T0 + 481),
+        drop(tcp("S", sport=40004), "overload", now=T0 + 481),             # ... then forgotten
+    ], dataplane={"admit_rate": 2}),
     Fixture("snat_keeps_client_port", "the masquerade port is the client's when that reply tuple is "
             "free (as the kernel's plain masquerade); else another", [
         Step(tcp("S", dst=VIP_ONE, sport=40001), check=fields(src=MASQ, sport=40001)),
@@ -757,7 +780,7 @@ FIXTURES = [
             dp.counters()["drops_by_reason"] == {
                 "malformed": 1, "unsupported": 0, "fragment": 1, "no_service": 2,
                 "unallocated": 0, "not_syn": 1, "table_full": 0, "nat_exhausted": 0,
-                "spoofed": 0, "source_denied": 0, "martian": 0, "icmp_rate": 0}
+                "spoofed": 0, "source_denied": 0, "martian": 0, "icmp_rate": 0, "overload": 0}
             and {k: dp.counters()[k] for k in ("rx_packets", "drops", "rejects", "flows_created",
                                                 "flows", "tx_packets")}
             == {"rx_packets": 7, "drops": 5, "rejects": 1, "flows_created": 1, "flows": 1,
