@@ -47,6 +47,8 @@ def patch(sport):
 rng = random.Random(7)
 pkts = [patch(rng.randrange(1024, 65536)) for _ in range(4096)]
 s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+print("ready", flush=True)
+sys.stdin.readline()                # go: the test's download is established by now
 print("flooding", flush=True)
 t0 = time.monotonic(); sent = errors = 0
 while True:
@@ -105,15 +107,20 @@ def test_syn_flood_fills_the_table_and_the_download_survives(lab, flood_lab):
     before = stats(eng)
     assert before["max_flows"] == MAX_FLOWS
 
+    # the flooder first: scapy takes a while to import on a loaded machine,
+    # and the download must still be running when the flood is at its peak
+    flood = lab.popen(host.ns, [sys.executable, "-c", FLOOD, ATTACKER_IP, VIP, "80", str(FLOOD_SECONDS), str(FLOOD_PPS)],
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert flood.stdout.readline().strip() == "ready", flood.stderr.read() if flood.poll() is not None else ""
     dl = lab.popen(lab.client_ns, ["curl", "-s", "-o", "/dev/null", "--limit-rate", RATE, "-m", "60",
                                    "-w", "%{http_code} %{size_download}", f"http://{VIP}/bytes/{DOWNLOAD}"],
                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1.5)                                  # established before the flood starts
     ours = download_flows(eng, lab)
     assert len(ours) == 1 and re.search(r" (ESTABLISHED|CLOSE_WAIT) ", ours[0]), ours
-    flood = lab.popen(host.ns, [sys.executable, "-c", FLOOD, ATTACKER_IP, VIP, "80", str(FLOOD_SECONDS), str(FLOOD_PPS)],
-                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert flood.stdout.readline().strip() == "flooding"       # scapy takes a while to import
+    flood.stdin.write("go\n")
+    flood.stdin.flush()
+    assert flood.stdout.readline().strip() == "flooding"
     # in the middle of the flood: the table is at its bound, the download's flow is in it
     time.sleep(FLOOD_SECONDS / 2)
     mid = stats(eng)
