@@ -11,6 +11,7 @@ import glob
 import json
 import logging
 import os
+import socket
 import stat
 import struct
 
@@ -137,3 +138,20 @@ def keep(data, entry_bytes, services, backends, timeouts):
         _TAIL.pack_into(rec, _TAIL_AT, min(expires, timeouts[state]), svc, backend, state, flags, pad)
         out += rec
     return bytes(out), len(out) // entry_bytes, left
+
+
+# a record field by field: addresses and ports of both keys as the wire has
+# them (network order), the rest native
+_RECORD = struct.Struct("=4s4s2s2sBBH4s4s2s2sBBHIIIBBH")
+
+
+def records(data):
+    """(proto, state name, seconds left, (src, sport, dst, dport) of the
+    original and of the reply direction, service port id, backend id) of
+    each export_flows() record; addresses as dotted text."""
+    ntoa, port = socket.inet_ntoa, int.from_bytes
+    for (s0, d0, sp0, dp0, proto, _, _, s1, d1, sp1, dp1, _, _, _,
+         expires, svc, backend, state, _, _) in _RECORD.iter_unpack(data):
+        yield (proto, STATE_NAMES[state] if state < len(STATE_NAMES) else "?", expires,
+               (ntoa(s0), port(sp0, "big"), ntoa(d0), port(dp0, "big")),
+               (ntoa(s1), port(sp1, "big"), ntoa(d1), port(dp1, "big")), svc, backend)

@@ -1,8 +1,8 @@
 """What the engine shows people: kubectl-, conntrack- and ipvsadm-like text."""
 from __future__ import annotations
 
-import ipaddress
 
+from . import snapshot
 from .model import PROTO_NAMES, SCHEDULER_ANNOTATION
 from .servicemap import dns_service_info, usable as usable_endpoints
 
@@ -109,36 +109,31 @@ def describe_service(eng, name, namespace="default"):
     return "\n".join(f"{k + ':':<{width}}{v}" for k, v in lines)
 
 
-def _ip(n):
-    return str(ipaddress.IPv4Address(n))
-
-
 def conntrack(eng, filters):
     """One line per flow, as `conntrack -L` prints them. Filters: proto,
-    src, dst, sport, dport (of the original direction), service."""
+    src, dst, sport, dport (of the original direction), service. The table
+    is copied a chunk per lock hold (export_flows, as the snapshot) and
+    formatted outside the lock: packets never wait for the listing."""
     names = {i: n for n, i in eng.state.services.ids.items()}
     want_proto = {"tcp": 6, "udp": 17}.get(str(filters.get("proto", "")).lower())
+    want = {k: filters.get(k) for k in ("src", "dst", "sport", "dport")}
+    sport = int(want["sport"]) if want["sport"] else None
+    dport = int(want["dport"]) if want["dport"] else None
     lines = []
-    for f in eng.fp.flows():
-        (osrc, osport, odst, odport), (rsrc, rsport, rdst, rdport) = f["orig"], f["reply"]
-        if want_proto and f["proto"] != want_proto:
+    for proto, state, left, (osrc, osport, odst, odport), (rsrc, rsport, rdst, rdport), svc, _ in \
+            snapshot.records(eng.fp.export_flows()):
+        if (want_proto and proto != want_proto or want["src"] and osrc != want["src"]
+                or want["dst"] and odst != want["dst"] or sport is not None and osport != sport
+                or dport is not None and odport != dport):
             continue
-        if filters.get("src") and _ip(osrc) != filters["src"]:
+        name = names.get(svc, "?")
+        if filters.get("service") and not name.startswith(filters["service"]):
             continue
-        if filters.get("dst") and _ip(odst) != filters["dst"]:
-            continue
-        if filters.get("sport") and osport != int(filters["sport"]):
-            continue
-        if filters.get("dport") and odport != int(filters["dport"]):
-            continue
-        svc = names.get(f["svc"], "?")
-        if filters.get("service") and not svc.startswith(filters["service"]):
-            continue
-        p = PROTO_NAMES.get(f["proto"], str(f["proto"]))
-        state = f["state"] if p == "tcp" else ("[UNREPLIED]" if f["state"] == "UNREPLIED" else "[ASSURED]")
-        lines.append(f"{p:<8}{f['proto']} {f['timeout']} {state} "
-                     f"src={_ip(osrc)} dst={_ip(odst)} sport={osport} dport={odport} "
-                     f"src={_ip(rsrc)} dst={_ip(rdst)} sport={rsport} dport={rdport} service={svc}")
+        p = PROTO_NAMES.get(proto, str(proto))
+        state = state if p == "tcp" else ("[UNREPLIED]" if state == "UNREPLIED" else "[ASSURED]")
+        lines.append(f"{p:<8}{proto} {left} {state} "
+                     f"src={osrc} dst={odst} sport={osport} dport={odport} "
+                     f"src={rsrc} dst={rdst} sport={rsport} dport={rdport} service={name}")
     lines.append(f"engine conntrack: {len(lines)} flow entries have been shown.")
     return "\n".join(lines)
 
