@@ -36,6 +36,10 @@ def timeouts_from(ct):
             "UNREPLIED": ct.udp_timeout, "ASSURED": ct.udp_stream_timeout}
 
 
+class NotFound(ValueError):
+    """engine delete of an object the engine does not have."""
+
+
 class Engine:
     """cfg: the configuration as loaded (settings and the files' objects).
     host: engine.host.Host (LinuxHost of cfg's TUN by default). fastpath:
@@ -439,16 +443,23 @@ class Engine:
         objs = config_mod.parse_text(text, name)
         changes = config_mod.objects_by_key(objs)
         with self.lock:
+            missing = [k for k in changes if delete and self.sources.effective(k) is None]
             snap = self.sources.snapshot()
             for key, group in changes.items():
-                self.sources.set("apply", key, DELETED if delete else group)
+                if key not in missing:
+                    self.sources.set("apply", key, DELETED if delete else group)
             try:
                 self._sync()
             except Exception:
                 self._undo(snap)
                 raise
         verb = "deleted" if delete else "configured"
-        return [f"{kind.lower()}/{n} {verb}" for kind, ns, n in changes] + [f"note: {x}" for x in objs.notes]
+        lines = [f"{kind.lower()}/{n} {verb}" for kind, ns, n in (k for k in changes if k not in missing)] + \
+            [f"note: {x}" for x in objs.notes]
+        if missing:             # as kubectl: the others are deleted, the command fails
+            raise NotFound("\n".join(lines + [f'Error from server (NotFound): {kind.lower()}s "{n}" not found'
+                                               for kind, ns, n in missing]))
+        return lines
 
     def update(self, kind, key, new, source="api"):
         """One object event from a source that holds its own objects (the
