@@ -38,6 +38,7 @@ def cmd_check(args):
 def cmd_run(args):
     from .control import ControlServer, http_endpoints, raise_fd_limit
     soft, _ = raise_fd_limit()
+    config_mod.PARSE_IN_CHILD = True     # large YAML never parsed beside the fast path
     log.info("descriptor limit %d", soft)
     from .proxier import Engine
     cache = config_mod.FileCache()

@@ -112,13 +112,41 @@ else:
 
 MAX_FAST_DEPTH = 1000      # deeper: the pure-Python loader, whose recursion limit gives a clean error
 MAX_DEPTH = 10 * MAX_FAST_DEPTH
-_DEEP_BLOCK = re.compile(r"(?:[-?:][ \t]+){%d}" % MAX_FAST_DEPTH)
+# Block indicators ("- ", "? ", ": ") in a row on one line open that many
+# nested collections. A regex asking for N of them in a row backtracks at
+# every start inside a shorter run (17 s for 1.5 MB of "- - - ... x" lines,
+# the GIL held throughout), so the text is classed byte by byte instead
+# (indicator i, blank s, other o), blank runs squeezed to one, and N "is"
+# pairs looked for as a substring: a few linear passes in C.
+_BLOCK_CLASS = bytes(ord("i") if c in b"-?:" else ord("s") if c in b" \t" else ord("o") for c in range(256))
+_DEEP_RUN = b"is" * MAX_FAST_DEPTH
+# The running engine parses text larger than this in a child process
+# (engine.yamlchild); `engine run` turns it on, one-shot commands need not.
+ISOLATE_BYTES = 256 * 1024
+PARSE_IN_CHILD = False
 
 
-def _yaml_docs(text, name):
+def _deep_block(text):
+    """True when a line of text opens more than MAX_FAST_DEPTH block
+    collections (an over-estimate, as _flow_depth)."""
+    classes = text.encode("utf-8", "surrogatepass").translate(_BLOCK_CLASS)
+    while b"ss" in classes:
+        classes = classes.replace(b"ss", b"s")
+    return _DEEP_RUN in classes
+
+
+def _yaml_docs(text, name, isolate=True):
     """All documents of a YAML stream (or of JSON: a JSON document is YAML,
     and json.loads reads it ~30x faster), as plain Python objects; a
-    ConfigError naming `name` (and the line) when it is not YAML."""
+    ConfigError naming `name` (and the line) when it is not YAML. In the
+    running engine, text over ISOLATE_BYTES is parsed in a child process,
+    bounded in time and memory."""
+    if isolate and PARSE_IN_CHILD and len(text) > ISOLATE_BYTES:
+        from . import yamlchild
+        try:
+            return yamlchild.parse(text, str(name))
+        except ValueError as e:
+            raise ConfigError(name, "", str(e)) from None
     if text[:1] in ("{", "[") or text.lstrip()[:1] in ("{", "["):
         docs = _json_docs(text)
         if docs is not None:
@@ -127,7 +155,7 @@ def _yaml_docs(text, name):
     depth = _flow_depth(text)
     if depth > MAX_DEPTH:      # no manifest nests so deep: refused before any parser recurses
         raise ConfigError(name, "", "invalid YAML: nested too deeply")
-    if CSafeLoader is not None and depth <= MAX_FAST_DEPTH and not _DEEP_BLOCK.search(text):
+    if CSafeLoader is not None and depth <= MAX_FAST_DEPTH and not _deep_block(text):
         loader = CSafeLoader
     try:
         return [d for d in yaml.load_all(text, Loader=loader) if d is not None]
