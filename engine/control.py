@@ -377,7 +377,7 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
         raise ValueError(f"unknown command {cmd!r}")
 
 
-def request(path, req, timeout=30):
+def request(path, req, timeout=90):
     """Client side: send one request, return the response dict. A request
     over the engine's limit, or one the engine refuses half-way, is an
     {"ok": False} answer like any other refusal."""
@@ -399,6 +399,8 @@ def request(path, req, timeout=30):
                 chunk = s.recv(1 << 16)
             except ConnectionResetError:
                 break
+            except socket.timeout:
+                return {"ok": False, "error": f"no answer from the engine within {timeout:.0f}s"}
             if not chunk:
                 break
             buf += chunk

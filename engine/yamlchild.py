@@ -17,7 +17,7 @@ import resource
 import subprocess
 import sys
 
-PARSE_DEADLINE = 30.0               # seconds for one file's parse
+PARSE_DEADLINE = 20.0               # seconds for one file's parse
 PARSE_MEMORY = 2 << 30              # bytes of address space for the parsing child
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

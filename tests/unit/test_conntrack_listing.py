@@ -62,7 +62,7 @@ def test_listing_200k_flows_never_holds_the_table():
     assert len(lines) == N + 1 and lines[-1] == f"engine conntrack: {N} flow entries have been shown."
     assert "tcp     6 " in lines[0] and "ESTABLISHED" in lines[0] and "service=default/web:http" in lines[0]
     print(f"listed {N} flows in {took:.2f} s; longest wait for the table {max(waits) * 1000:.1f} ms")
-    assert max(waits) < 0.1, max(waits)
+    assert max(waits) < 0.2, max(waits)
     # filters still work
     one = views.conntrack(eng, {"proto": "tcp", "sport": 5, "src": "192.168.50.2"}).splitlines()
     assert len(one) == 2 and "sport=5 " in one[0], one
